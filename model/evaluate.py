@@ -86,7 +86,8 @@ def plot_confusion(
     matrix = torch.tensor(confusion, dtype=torch.float64)
     rates = matrix / matrix.sum(1, keepdim=True).clamp(min=1)
     fig, axis = plt.subplots(figsize=(7.5, 6.5))
-    shown = axis.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    # A NumPy array: matplotlib's np.array(..., copy=...) warns on a torch tensor.
+    shown = axis.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1)
     axis.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
     axis.set_yticks(range(len(classes)), classes)
     axis.set(xlabel="predicted", ylabel="true", title=title)
@@ -147,6 +148,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--download", action="store_true")
     parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="decoded-image cache, as in model.train (default ~/.cache/resnet-cifar10)",
+    )
+    parser.add_argument(
         "--val-size",
         type=int,
         default=0,
@@ -177,7 +184,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     )
     dataset = load_dataset(
-        args.data, cifar_split=args.cifar_split, download=args.download
+        args.data,
+        cifar_split=args.cifar_split,
+        download=args.download,
+        cache_dir=args.cache_dir,
     )
     if args.val_size:
         _, val_idx = stratified_split(dataset.labels, args.val_size, args.seed)

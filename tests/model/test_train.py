@@ -1,0 +1,239 @@
+"""Training end to end on tiny generated data: it learns, it writes what the service loads,
+and a killed run resumed from its checkpoint ends exactly where an uninterrupted one does."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from model import evaluate, train
+from model.resnet import count_parameters, resnet
+from model.weights import load_checked, sha256_of
+from tests.model.test_data import write_class_tree
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CLASSES = ("red", "green", "blue", "yellow")  # PALETTE's first four colours
+
+
+@pytest.fixture
+def restore_threads() -> Iterator[None]:
+    """`--threads` sets torch's process-wide thread count; give later tests theirs back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def colour_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Four classes of noisy solid colours, 50 images each: easy to learn, fast to train."""
+    root = tmp_path_factory.mktemp("colours") / "tree"
+    write_class_tree(root, CLASSES, per_class=50)
+    return root
+
+
+def tiny_run(data: Path, out: Path, *extra: str) -> list[str]:
+    """Arguments for a seconds-long ResNet8 run that keeps every file under `out`."""
+    return [
+        "--data", str(data),
+        "--depth", "8",
+        "--batch-size", "16",
+        "--warmup-epochs", "1",
+        "--ema-decay", "0.9",  # the default 0.999 barely moves in a few dozen steps
+        "--val-size", "40",
+        "--cache-dir", str(out / "cache"),
+        "--run-dir", str(out / "run"),
+        "--output", str(out / "weights" / "tiny.safetensors"),
+        "--no-progress",
+        *extra,
+    ]  # fmt: skip
+
+
+# --- A short run learns and writes weights, card, log and plot ----------------------------
+
+
+def test_tiny_run_learns_and_writes_a_matching_card(colour_tree: Path, tmp_path: Path) -> None:
+    card = train.main(tiny_run(colour_tree, tmp_path, "--epochs", "3"))
+    weights = tmp_path / "weights" / "tiny.safetensors"
+
+    # Far above chance (0.25) on held-out images, measured in fp32 on the kept weights.
+    assert card["validation"]["accuracy"] >= 0.9
+    assert card["validation"]["precision"] == "fp32"
+    per_class = card["validation"]["per_class"]
+    assert len(per_class) == len(CLASSES) and min(per_class) > 0.5  # every class, not most
+
+    # The card on disk is the one returned, and its checksum is the weights file's.
+    assert json.loads(weights.with_suffix(".json").read_text()) == card
+    assert card["sha256"] == sha256_of(weights)
+    assert card["weights_file"] == weights.name
+    assert card["classes"] == sorted(CLASSES)  # not CIFAR-10 names: alphabetical
+    assert card["architecture"]["depth"] == 8 and card["architecture"]["num_classes"] == 4
+    assert card["parameters"] == count_parameters(resnet(8, num_classes=4))
+    assert card["data"]["train_images"] == 160 and card["data"]["validation_images"] == 40
+    assert 1 <= card["best_epoch"] <= 3 and card["best_weights"] in ("model", "ema")
+
+    # The service's loader accepts the pair: checksum, architecture and tensors agree.
+    model, loaded_card = load_checked(weights)
+    assert loaded_card == card
+    assert all(
+        t.dtype == torch.float32 for t in model.state_dict().values() if t.is_floating_point()
+    )
+
+    # One log row per epoch, and the curves.
+    rows = [
+        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [row["epoch"] for row in rows] == [1, 2, 3]
+    assert (tmp_path / "run" / "training_curves.png").stat().st_size > 0
+
+    # `model.evaluate --val-size N --seed S` re-measures exactly the card's validation figure.
+    result = evaluate.main(
+        ["--weights", str(weights), "--data", str(colour_tree), "--val-size", "40",
+         "--seed", "0", "--json", "--cache-dir", str(tmp_path / "cache"),
+         "--plot", str(tmp_path / "confusion.png")]
+    )  # fmt: skip
+    assert result["images"] == 40
+    assert result["accuracy"] == card["validation"]["accuracy"]
+    assert list(result["per_class"].values()) == card["validation"]["per_class"]
+
+
+def test_run_without_validation_keeps_the_last_epoch(colour_tree: Path, tmp_path: Path) -> None:
+    args = tiny_run(colour_tree, tmp_path, "--epochs", "2", "--limit", "48")
+    args[args.index("--val-size") + 1] = "0"
+    card = train.main(args)
+    assert card["validation"] is None
+    assert card["data"]["validation_images"] == 0 and card["data"]["train_images"] == 48
+    assert card["best_epoch"] == 2
+    state = load_file(tmp_path / "weights" / "tiny.safetensors")
+    checkpoint = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    # With nothing to select on, the weights written are the final model's.
+    for name, tensor in checkpoint["model"].items():
+        assert torch.equal(state[name], tensor.float() if tensor.is_floating_point() else tensor)
+
+
+# --- Resume --------------------------------------------------------------------------------
+
+
+def test_killed_and_resumed_run_matches_an_uninterrupted_one(
+    colour_tree: Path, tmp_path: Path, restore_threads: None
+) -> None:
+    # fp32, contiguous tensors and one thread: the settings under which CPU training is
+    # bit-for-bit reproducible, so any state the checkpoint forgets shows up as a difference.
+    flags = ["--epochs", "3", "--precision", "fp32", "--no-channels-last", "--threads", "1"]
+    straight = tmp_path / "straight"
+    train.main(tiny_run(colour_tree, straight, *flags))
+
+    # The same run in its own process, killed with SIGKILL once the first checkpoint exists.
+    killed = tmp_path / "killed"
+    checkpoint = killed / "run" / "checkpoint.pt"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "model.train", *tiny_run(colour_tree, killed, *flags)],
+        cwd=REPO_ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not checkpoint.exists() and process.poll() is None:
+            assert time.monotonic() < deadline, "no checkpoint after 240 s"
+            time.sleep(0.02)
+        os.kill(process.pid, signal.SIGKILL)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == -signal.SIGKILL, (
+        f"the run ended on its own before it could be killed:\n{stderr.decode()[-2000:]}"
+    )
+    epochs_done = torch.load(checkpoint, weights_only=True)["epoch"]
+    assert 1 <= epochs_done < 3
+
+    card = train.main(tiny_run(colour_tree, killed, *flags, "--resume"))
+
+    # Same kept weights, bit for bit, and the same final training state.
+    assert_same_tensors(
+        load_file(killed / "weights" / "tiny.safetensors"),
+        load_file(straight / "weights" / "tiny.safetensors"),
+    )
+    resumed_state = torch.load(checkpoint, weights_only=True)
+    straight_state = torch.load(straight / "run" / "checkpoint.pt", weights_only=True)
+    assert resumed_state["epoch"] == straight_state["epoch"] == 3
+    assert_same_tensors(resumed_state["model"], straight_state["model"])
+    assert_same_tensors(resumed_state["ema"], straight_state["ema"])
+    assert resumed_state["best"] == straight_state["best"]
+
+    # The log continues rather than restarting, with the same numbers per epoch.
+    def log(run: Path) -> list[dict[str, float]]:
+        rows = [
+            json.loads(line) for line in (run / "run" / "metrics.jsonl").read_text().splitlines()
+        ]
+        return [{k: row[k] for k in ("epoch", "train_loss", "val_accuracy", "lr")} for row in rows]
+
+    assert log(killed) == log(straight)
+    assert card["sha256"] == sha256_of(killed / "weights" / "tiny.safetensors")
+
+
+def assert_same_tensors(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert actual.keys() == expected.keys()
+    different = [name for name in expected if not torch.equal(actual[name], expected[name])]
+    assert not different, f"tensors differ after resuming: {different[:5]}"
+
+
+# --- Recipe pieces -------------------------------------------------------------------------
+
+
+def schedule_args(schedule: str, epochs: int = 10, warmup: float = 2.0) -> SimpleNamespace:
+    return SimpleNamespace(schedule=schedule, epochs=epochs, warmup_epochs=warmup)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "onecycle"])
+def test_warmup_then_decay_to_zero(schedule: str) -> None:
+    args, per_epoch = schedule_args(schedule), 10
+    factors = [train.lr_multiplier(step, args, per_epoch) for step in range(100)]
+    warmup = 20  # 2 epochs of 10 steps
+    assert factors[0] == pytest.approx(1 / warmup)
+    assert factors[warmup - 1] == pytest.approx(1.0) and factors[warmup] == pytest.approx(1.0)
+    assert all(a < b for a, b in itertools.pairwise(factors[:warmup]))
+    assert all(a > b for a, b in itertools.pairwise(factors[warmup:]))
+    # The last step ends within a step's worth of zero.
+    assert factors[-1] < 0.02
+    assert train.lr_multiplier(100, args, per_epoch) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_step_schedule_is_the_keras_examples() -> None:
+    args, per_epoch = schedule_args("step", epochs=200), 5
+
+    def at(epoch: int) -> float:
+        return train.lr_multiplier(epoch * per_epoch, args, per_epoch)
+
+    assert [at(e) for e in (0, 79, 80, 119, 120, 160, 180, 199)] == [
+        1.0, 1.0, 0.1, 0.1, 0.01, 1e-3, 5e-4, 5e-4
+    ]  # fmt: skip
+
+
+def test_weight_decay_skips_batchnorm_and_biases() -> None:
+    model = resnet(8, num_classes=4)
+    decay, no_decay = train.parameter_groups(model, 5e-4, decay_all=False)
+    assert decay["weight_decay"] == 5e-4 and no_decay["weight_decay"] == 0.0
+    decayed = {id(p) for p in decay["params"]}
+    weight_matrices = {
+        id(module.weight)
+        for module in model.modules()
+        if isinstance(module, torch.nn.Conv2d | torch.nn.Linear)
+    }
+    assert decayed == weight_matrices
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    everything = train.parameter_groups(model, 5e-4, decay_all=True)
+    assert len(everything[0]["params"]) == len(list(model.parameters()))
