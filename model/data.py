@@ -330,7 +330,9 @@ def cutout(images: torch.Tensor, size: int, generator: torch.Generator) -> torch
     cx = torch.randint(0, width, (n, 1, 1), device=images.device, generator=generator)
     ys = torch.arange(height, device=images.device)[None, :, None]
     xs = torch.arange(width, device=images.device)[None, None, :]
-    inside = ((ys - cy).abs() <= size // 2) & ((xs - cx).abs() <= size // 2)
+    # Offsets -size//2 .. size - size//2 - 1: exactly `size` pixels for odd and even sizes.
+    half = size // 2
+    inside = (ys - cy >= -half) & (ys - cy < size - half) & (xs - cx >= -half) & (xs - cx < size - half)
     return images.masked_fill(inside[:, None], 0)
 
 

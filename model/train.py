@@ -354,8 +354,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"resumed from {checkpoint_path} after epoch {start_epoch}")
     elif args.resume:
         print(f"--resume: no checkpoint at {checkpoint_path}, starting afresh")
-    if start_epoch == 0 and log_path.exists():
-        log_path.unlink()  # a fresh run starts a fresh log
+    if log_path.exists():
+        # A fresh run starts a fresh log; a resumed one drops rows of any epoch that was
+        # logged but not checkpointed before the kill (it is about to be run again).
+        rows = [line for line in log_path.read_text().splitlines() if line.strip()]
+        kept = [line for line in rows if json.loads(line)["epoch"] <= start_epoch]
+        log_path.write_text("".join(line + "\n" for line in kept))
 
     def autocast() -> contextlib.AbstractContextManager[None]:
         if amp_dtype is None:

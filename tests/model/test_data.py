@@ -422,10 +422,6 @@ def test_cutout_zeroes_one_square_per_image(size: int) -> None:
     assert full_squares > 16  # most centres are far enough from the border
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cutout() zeroes (size+1)x(size+1) for even sizes (|d| <= size//2); see report",
-)
 def test_cutout_even_size_is_size_by_size() -> None:
     images = random_batch(64)
     out = cutout(images, 8, generator(3))
