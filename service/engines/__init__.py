@@ -1,1 +1,70 @@
-"""Inference engines: the model behind a small interface (load, warm up, run a batch)."""
+"""Inference engines: the model behind a small interface (load, warm up, run a batch).
+
+`create_engine` is the one way the service builds an engine. Engines other than torch are
+imported only when asked for, so their libraries stay optional.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import torch
+
+from service.engines.base import Engine, EngineOptions
+
+ENGINE_NAMES: tuple[str, ...] = ("auto", "torch", "onnxruntime", "openvino")
+
+# name -> (module, class), imported lazily.
+_ENGINES: dict[str, tuple[str, str]] = {
+    "torch": ("service.engines.torch_engine", "TorchEngine"),
+    "onnxruntime": ("service.engines.onnxruntime_engine", "OnnxRuntimeEngine"),
+    "openvino": ("service.engines.openvino_engine", "OpenVinoEngine"),
+}
+
+
+class EngineUnavailableError(RuntimeError):
+    """The engine asked for cannot be used here (library missing, unknown name)."""
+
+
+def engine_class(name: str) -> type[Engine]:
+    """The Engine subclass for a concrete engine name, imported on first use."""
+    if name not in _ENGINES:
+        raise EngineUnavailableError(
+            f"unknown engine {name!r}: choose one of {', '.join(ENGINE_NAMES)}"
+        )
+    module_name, class_name = _ENGINES[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise EngineUnavailableError(f"engine {name!r} is not available: {error}") from error
+    return getattr(module, class_name)
+
+
+def resolve_engine_name(name: str, options: EngineOptions) -> str:
+    """Map "auto" to a concrete engine."""
+    if name != "auto":
+        return name
+    # AUTO-SELECTION HOOK (engines helper): when the device resolves to the CPU, pick the
+    # fastest CPU engine that is installed (e.g. openvino, then onnxruntime) and fall back to
+    # torch. Until those engines land, "auto" means torch on every device.
+    del options
+    return "torch"
+
+
+def create_engine(
+    name: str, model: torch.nn.Module, card: dict[str, Any], options: EngineOptions
+) -> Engine:
+    """Build the engine `name` ("auto", "torch", "onnxruntime", "openvino") for `model`."""
+    return engine_class(resolve_engine_name(name, options))(model, card, options)
+
+
+__all__ = [
+    "ENGINE_NAMES",
+    "Engine",
+    "EngineOptions",
+    "EngineUnavailableError",
+    "create_engine",
+    "engine_class",
+    "resolve_engine_name",
+]

@@ -22,7 +22,9 @@ class EngineOptions:
 
     device: str = "auto"  # "auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:1", ...
     precision: str = "auto"  # "auto", "fp32", "bf16", "fp16"
-    cache_dir: Path = Path("~/.cache/resnet-cifar10/engines")  # exported models, keyed by weights SHA-256
+    cache_dir: Path = Path(
+        "~/.cache/resnet-cifar10/engines"
+    )  # exported models, keyed by weights SHA-256
     compile: bool = False  # torch.compile (torch engine)
     cuda_graphs: bool = False  # capture CUDA graphs per batch size (torch engine on CUDA)
     threads: int = 0  # CPU threads for the engine (0: library default)
@@ -38,7 +40,9 @@ class Engine(ABC):
 
     name: str = "abstract"
 
-    def __init__(self, model: torch.nn.Module, card: dict[str, Any], options: EngineOptions) -> None:
+    def __init__(
+        self, model: torch.nn.Module, card: dict[str, Any], options: EngineOptions
+    ) -> None:
         self.card = card
         self.options = options
 

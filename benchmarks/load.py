@@ -1,0 +1,373 @@
+"""Load benchmark: the service with dynamic batching against the same service without it.
+
+    python -m benchmarks.load                       # trained weights, wrk if installed
+    python -m benchmarks.load --random-depth 56     # no trained weights yet: random ResNet56
+    python -m benchmarks.load --duration 3 --concurrency 1 8 --client python   # a quick look
+
+For each of the two configurations - batching (`--max-batch-size`, default 64, within
+`--max-wait-ms`) and batching off (`max_batch_size=1`) - it starts `python -m service` on a
+free port, waits for /health, then for each concurrency (1, 8, 32, 64 by default) keeps that
+many connections busy posting 32x32 PNGs to /predict for `--warmup` seconds (not counted)
+and `--duration` seconds (counted). The services run one after the other, never at the same
+time, so neither steals the other's cores. It prints requests/s, p50 and p99 latency side
+by side with the ratios, and the issue's criterion at the highest concurrency: batching
+must give at least 3x the throughput with a p99 no worse (`--check` turns a miss into exit
+status 1).
+
+The load client matters on a small machine, because it shares the cores with the service:
+- `wrk` (default when installed: `apt-get install wrk`): C, event-driven, a few percent of a
+  core even at 64 connections. A Lua script rotates through the prepared multipart bodies
+  and reports exact percentiles from wrk's latency histogram.
+- `python`: a lean asyncio HTTP/1.1 client written here (keep-alive connections, prebuilt
+  request bytes, no HTTP library), for machines without wrk. It costs more CPU than wrk.
+Only 200 answers count as served; any other status or a broken connection is reported as
+an error (there should be none: the queue limit is far above 64).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+BOUNDARY = "benchmarkboundary7MA4YWxkTrZu0gW"
+
+WRK_SCRIPT = r"""
+local bodies = {}
+local counter = 0
+function init(args)
+  for i = 1, tonumber(args[2]) do
+    local f = assert(io.open(args[1] .. "/" .. i .. ".body", "rb"))
+    bodies[i] = f:read("*a")
+    f:close()
+  end
+  counter = math.random(#bodies)
+end
+function request()
+  counter = counter % #bodies + 1
+  return wrk.format("POST", "/predict",
+    {["Content-Type"] = "multipart/form-data; boundary=BOUNDARY"}, bodies[counter])
+end
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    '\nRESULT {"requests": %d, "duration_us": %d, "errors": %d, "p50_us": %d, "p99_us": %d}\n',
+    summary.requests, summary.duration,
+    e.connect + e.read + e.write + e.status + e.timeout,
+    latency:percentile(50), latency:percentile(99)))
+end
+""".replace("BOUNDARY", BOUNDARY)
+
+
+@dataclass
+class Measurement:
+    concurrency: int
+    requests_per_s: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+
+
+# --- request bodies ---------------------------------------------------------------------
+
+
+def multipart_bodies(count: int, size: int) -> list[bytes]:
+    """`count` distinct random PNGs of size x size, each as a /predict multipart body."""
+    rng = np.random.default_rng(0)
+    bodies = []
+    for i in range(count):
+        pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels, "RGB").save(buffer, "PNG")
+        bodies.append(
+            (
+                f"--{BOUNDARY}\r\n"
+                f'Content-Disposition: form-data; name="file"; filename="{i}.png"\r\n'
+                "Content-Type: image/png\r\n\r\n"
+            ).encode()
+            + buffer.getvalue()
+            + f"\r\n--{BOUNDARY}--\r\n".encode()
+        )
+    return bodies
+
+
+# --- clients ----------------------------------------------------------------------------
+
+
+def run_wrk(port: int, concurrency: int, seconds: float, body_dir: Path, count: int) -> Measurement:
+    script = body_dir / "predict.lua"
+    script.write_text(WRK_SCRIPT)
+    threads = max(1, min(concurrency, os.cpu_count() or 1, 4))
+    output = subprocess.run(
+        [
+            *(
+                "wrk",
+                "-t",
+                str(threads),
+                "-c",
+                str(concurrency),
+                "-d",
+                f"{max(1, round(seconds))}s",
+            ),
+            *("--timeout", "30s", "-s", str(script), f"http://127.0.0.1:{port}/predict"),
+            *("--", str(body_dir), str(count)),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    result = json.loads(output.split("RESULT ", 1)[1])
+    served = result["requests"] - result["errors"]
+    return Measurement(
+        concurrency,
+        served / (result["duration_us"] / 1e6),
+        result["p50_us"] / 1000,
+        result["p99_us"] / 1000,
+        result["errors"],
+    )
+
+
+async def _python_load(
+    port: int, concurrency: int, seconds: float, bodies: list[bytes]
+) -> Measurement:
+    requests = [
+        (
+            "POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        + body
+        for body in bodies
+    ]
+    latencies: list[float] = []
+    errors = 0
+    stop_at = time.perf_counter() + seconds
+
+    async def connection(offset: int) -> None:
+        nonlocal errors
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        index = offset
+        try:
+            while time.perf_counter() < stop_at:
+                started = time.perf_counter()
+                writer.write(requests[index % len(requests)])
+                index += 1
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line[:15].lower() == b"content-length:":
+                        length = int(line[15:])
+                await reader.readexactly(length)
+                if head[9:12] == b"200":
+                    latencies.append(time.perf_counter() - started)
+                else:
+                    errors += 1
+        except (OSError, asyncio.IncompleteReadError):
+            errors += 1
+        finally:
+            writer.close()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(connection(i) for i in range(concurrency)))
+    elapsed = time.perf_counter() - started
+    if not latencies:
+        return Measurement(concurrency, 0.0, float("nan"), float("nan"), errors)
+    p50, p99 = np.percentile(np.array(latencies) * 1000, [50, 99])
+    return Measurement(concurrency, len(latencies) / elapsed, float(p50), float(p99), errors)
+
+
+# --- the service under test --------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_service(port: int, weights: Path, flags: list[str], log: Path) -> subprocess.Popen:
+    command = [
+        *(sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port)),
+        *("--weights-path", str(weights), "--log-level", "warning", *flags),
+    ]
+    process = subprocess.Popen(
+        command, cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL, stderr=log.open("w")
+    )
+    deadline = time.monotonic() + 600  # warm-up of a big model on a slow CPU takes a while
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"the service exited with {process.returncode}:\n{log.read_text()}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as answer:
+                if answer.status == 200:
+                    return process
+        except OSError:
+            pass
+        time.sleep(0.5)
+    process.kill()
+    raise SystemExit("the service did not become ready within 10 minutes")
+
+
+def stop_service(process: subprocess.Popen) -> None:
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+def random_weights(depth: int, folder: Path) -> Path:
+    """A randomly initialised ResNet of `depth` with a valid card: same cost as trained."""
+    import torch
+    from safetensors.torch import save_file
+
+    from model.preprocessing import CIFAR10_CLASSES
+    from model.resnet import resnet
+    from model.weights import sha256_of, write_card
+
+    torch.manual_seed(0)
+    model = resnet(depth, 1)
+    path = folder / f"random-resnet{depth}.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+    architecture = {"depth": depth, "version": 1, "shortcut": "projection", "num_classes": 10}
+    write_card(
+        path,
+        {
+            "name": f"resnet{depth}",
+            "architecture": architecture,
+            "classes": list(CIFAR10_CLASSES),
+            "sha256": sha256_of(path),
+        },
+    )
+    return path
+
+
+def measure_service(
+    name: str,
+    weights: Path,
+    flags: list[str],
+    args: argparse.Namespace,
+    bodies: list[bytes],
+    workdir: Path,
+) -> list[Measurement]:
+    port = free_port()
+    process = start_service(port, weights, flags, workdir / f"{name}.log")
+    results = []
+    try:
+        for concurrency in args.concurrency:
+            for seconds, keep in ((args.warmup, False), (args.duration, True)):
+                if seconds <= 0:
+                    continue
+                if args.client == "wrk":
+                    result = run_wrk(port, concurrency, seconds, workdir, len(bodies))
+                else:
+                    result = asyncio.run(_python_load(port, concurrency, seconds, bodies))
+                if keep:
+                    results.append(result)
+                    print(
+                        f"  {name:<9} c={concurrency:<3} {result.requests_per_s:8.1f} req/s  "
+                        f"p50 {result.p50_ms:8.1f} ms  p99 {result.p99_ms:8.1f} ms  "
+                        f"errors {result.errors}",
+                        flush=True,
+                    )
+    finally:
+        stop_service(process)
+    return results
+
+
+def report(batched: list[Measurement], unbatched: list[Measurement]) -> bool:
+    print()
+    print(
+        f"{'conc.':>5} | {'batched req/s':>13} {'p50 ms':>8} {'p99 ms':>8} | "
+        f"{'unbatched req/s':>15} {'p50 ms':>8} {'p99 ms':>8} | {'speed-up':>8} {'p99 ratio':>9}"
+    )
+    for b, u in zip(batched, unbatched, strict=True):
+        speed_up = b.requests_per_s / u.requests_per_s if u.requests_per_s else float("inf")
+        print(
+            f"{b.concurrency:>5} | {b.requests_per_s:>13.1f} {b.p50_ms:>8.1f} {b.p99_ms:>8.1f} | "
+            f"{u.requests_per_s:>15.1f} {u.p50_ms:>8.1f} {u.p99_ms:>8.1f} | "
+            f"{speed_up:>7.2f}x {b.p99_ms / u.p99_ms:>9.2f}"
+        )
+    b, u = batched[-1], unbatched[-1]
+    speed_up = b.requests_per_s / u.requests_per_s if u.requests_per_s else float("inf")
+    passed = speed_up >= 3 and b.p99_ms <= u.p99_ms and b.errors == 0
+    print(
+        f"\nat concurrency {b.concurrency}: batching gives {speed_up:.2f}x the throughput "
+        f"(need >= 3) with p99 {b.p99_ms:.1f} ms vs {u.p99_ms:.1f} ms (need <=): "
+        f"{'PASS' if passed else 'FAIL'}"
+    )
+    return passed
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--weights", type=Path, default=PROJECT_ROOT / "weights/resnet56.safetensors"
+    )
+    parser.add_argument("--random-depth", type=int, help="serve a random ResNet of this depth")
+    parser.add_argument("--engine", default="auto", help="service --engine")
+    parser.add_argument("--device", default="auto", help="service --device")
+    parser.add_argument("--threads", type=int, default=0, help="service --threads")
+    parser.add_argument("--max-batch-size", type=int, default=64)
+    parser.add_argument("--max-wait-ms", type=float, default=5.0)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
+    parser.add_argument("--duration", type=float, default=15.0, help="seconds measured")
+    parser.add_argument("--warmup", type=float, default=3.0, help="seconds before measuring")
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--client", choices=["auto", "wrk", "python"], default="auto")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--check", action="store_true", help="exit 1 if the criterion fails")
+    args = parser.parse_args()
+    if args.client == "auto":
+        args.client = "wrk" if shutil.which("wrk") else "python"
+
+    with tempfile.TemporaryDirectory(prefix="load-") as tmp:
+        workdir = Path(tmp)
+        weights = random_weights(args.random_depth, workdir) if args.random_depth else args.weights
+        bodies = multipart_bodies(64, args.image_size)
+        for i, body in enumerate(bodies, start=1):
+            (workdir / f"{i}.body").write_bytes(body)
+        common = ["--engine", args.engine, "--device", args.device, "--threads", str(args.threads)]
+        batched_flags = [
+            *("--max-batch-size", str(args.max_batch_size)),
+            *("--max-wait-ms", str(args.max_wait_ms)),
+        ]
+        print(f"weights {weights}, client {args.client}, {os.cpu_count()} CPUs", flush=True)
+        batched = measure_service("batched", weights, common + batched_flags, args, bodies, workdir)
+        unbatched = measure_service(
+            "unbatched", weights, [*common, "--max-batch-size", "1"], args, bodies, workdir
+        )
+    passed = report(batched, unbatched)
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "settings": {k: str(v) for k, v in vars(args).items()},
+                    "batched": [asdict(m) for m in batched],
+                    "unbatched": [asdict(m) for m in unbatched],
+                    "passed": passed,
+                },
+                indent=2,
+            )
+        )
+    return 1 if args.check and not passed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""`python -m service`: check the weights, then serve with uvicorn until SIGTERM.
+
+Exit status: 0 after a SIGTERM/SIGINT shutdown in which every accepted request was answered;
+2 when a setting is invalid or the weights, engine or device cannot be used (one line on
+stderr says why); 3 when the app fails during start-up (uvicorn's code; the log has the
+traceback).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+from functools import partial
+from types import FrameType
+from typing import Any
+
+import torch
+import uvicorn
+from fastapi import FastAPI
+from pydantic import ValidationError
+
+from model.weights import WeightsError, load_checked
+from service.app import create_app, engine_options
+from service.config import Settings
+from service.engines import EngineUnavailableError, create_engine, engine_class, resolve_engine_name
+
+logger = logging.getLogger("service")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: easy to grep, and what log shippers expect."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+        }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            entry.update(fields)
+        else:
+            entry["message"] = record.getMessage()
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def configure_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for name in ("uvicorn", "uvicorn.error"):
+        logging.getLogger(name).handlers.clear()
+        logging.getLogger(name).propagate = True
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, but a first SIGTERM/SIGINT drains the app before the socket closes.
+
+    uvicorn alone closes the listening socket at once, then re-raises the signal after its
+    shutdown, so the process dies with -15. Here the first signal turns readiness to 503 and
+    refuses new predictions (503 shutting_down) while everything already admitted is
+    answered; then uvicorn's own graceful shutdown runs and the process exits 0. A second
+    signal falls through to uvicorn's handling (a second Ctrl-C stops at once).
+    """
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI, drain_timeout_s: float) -> None:
+        super().__init__(config)
+        self._app = app
+        self._drain_timeout_s = drain_timeout_s
+        self._drain_task: asyncio.Task[None] | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._drain_task is not None or self.should_exit:
+            super().handle_exit(sig, frame)
+            return
+        if not self.started or self._app.state.service is None:
+            self.should_exit = True  # nothing accepted yet: nothing to drain
+            return
+        loop = asyncio.get_running_loop()
+        loop.call_soon_threadsafe(self._start_drain)
+
+    def _start_drain(self) -> None:
+        if self._drain_task is None:
+            self._drain_task = asyncio.create_task(self._drain())
+
+    async def _drain(self) -> None:
+        service = self._app.state.service
+        logger.info("signal received: draining, %d images in hand", service.pending)
+        if not await service.drain(self._drain_timeout_s):
+            logger.error("drain timed out after %.0f s", self._drain_timeout_s)
+        self.should_exit = True
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        settings = Settings(_cli_parse_args=sys.argv[1:] if argv is None else argv)
+    except ValidationError as error:  # a bad flag or SERVICE_* variable: say which, briefly
+        for problem in error.errors():
+            where = ".".join(str(part) for part in problem["loc"])
+            print(f"error: setting {where}: {problem['msg']}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
+    try:
+        # Checked here, before uvicorn starts, so a bad file gives one clear line and exit 2.
+        if settings.device not in ("auto", "cpu") and not torch.accelerator.is_available():
+            raise EngineUnavailableError(f"device {settings.device!r}: no accelerator here")
+        engine_class(resolve_engine_name(settings.engine, engine_options(settings)))
+        model, card = load_checked(settings.weights_path)
+    except (WeightsError, EngineUnavailableError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    factory = partial(create_engine, settings.engine, model, card, engine_options(settings))
+    app = create_app(settings, factory)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        lifespan="on",
+        log_config=None,  # keep the JSON logging configured above
+        access_log=False,  # the app logs one structured line per request itself
+        timeout_graceful_shutdown=int(settings.shutdown_timeout_s),
+    )
+    DrainingServer(config, app, settings.shutdown_timeout_s).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

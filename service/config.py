@@ -1,0 +1,98 @@
+"""The service's settings: one pydantic-settings class, read from flags and the environment.
+
+Every field can be set as an environment variable with the `SERVICE_` prefix
+(`SERVICE_MAX_BATCH_SIZE=32`) or, with `python -m service`, as a kebab-case flag
+(`--max-batch-size 32`); a flag wins over the environment, which wins over the default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# The folder above service/, so the default weights path works from a checkout and from the
+# container alike, whatever the working directory.
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+EngineName = Literal["auto", "torch", "onnxruntime", "openvino"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+
+class Settings(BaseSettings):
+    """Everything an operator may tune; the defaults suit one GPU or a small CPU box."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SERVICE_",
+        cli_kebab_case=True,
+        cli_prog_name="python -m service",
+        # Boolean flags read naturally: `--compile` / `--no-compile`.
+        cli_implicit_flags=True,
+        frozen=True,
+    )
+
+    host: str = Field("0.0.0.0", description="Address to listen on.")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on.")
+    weights_path: Path = Field(
+        PROJECT_ROOT / "weights" / "resnet56.safetensors",
+        description="safetensors weights; the model card (.json) must sit beside them.",
+    )
+    engine: EngineName = Field(
+        "auto", description="Inference engine; auto picks the fastest one installed."
+    )
+    device: str = Field(
+        "auto",
+        pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+        description="auto (CUDA when available, else CPU), cpu, cuda or cuda:N.",
+    )
+    precision: Precision = Field(
+        "auto", description="auto: fp16 on CUDA, fp32 on the CPU; or fp32, bf16, fp16."
+    )
+    max_batch_size: int = Field(
+        64, ge=1, le=1024, description="Most images in one forward pass; 1 turns batching off."
+    )
+    max_wait_ms: float = Field(
+        5.0,
+        ge=0,
+        le=10_000,
+        description="Longest a batch waits for more images after its first one (only while "
+        "more admitted requests are still being read or decoded).",
+    )
+    queue_size: int = Field(
+        256,
+        ge=1,
+        description="Most images admitted and not yet answered; beyond it requests get 429.",
+    )
+    request_timeout_s: float = Field(
+        10.0, gt=0, description="Deadline for a request from arrival to answer; then 504."
+    )
+    max_upload_bytes: int = Field(
+        10 * 1024 * 1024, ge=1, description="Largest request body accepted; beyond it 413."
+    )
+    max_pixels: int = Field(
+        25_000_000,
+        ge=1,
+        description="Largest image (width x height, read from its header); beyond it 413.",
+    )
+    max_files: int = Field(64, ge=1, description="Most files in one /predict/batch request.")
+    decode_threads: int = Field(
+        1, ge=1, le=64, description="Threads decoding images (kept off the event loop)."
+    )
+    threads: int = Field(
+        0, ge=0, description="CPU threads for the engine (0: one per core, the library default)."
+    )
+    compile: bool = Field(False, description="torch.compile the model (torch engine).")
+    cuda_graphs: bool = Field(
+        False, description="Capture CUDA graphs per batch size (torch engine on CUDA)."
+    )
+    cache_dir: Path = Field(
+        Path("~/.cache/resnet-cifar10/engines"),
+        description="Where engines keep exported models, keyed by the weights' SHA-256.",
+    )
+    shutdown_timeout_s: float = Field(
+        30.0, gt=0, description="Longest wait for accepted requests to finish on SIGTERM."
+    )
+    log_level: LogLevel = Field("info", description="Log level for the service and uvicorn.")

@@ -1,0 +1,233 @@
+"""From request bytes to model input: read multipart uploads within limits, decode images.
+
+Reading streams the body through python-multipart's parser and stops at the first byte
+over `max_upload_bytes` (or at once, from Content-Length), so an oversized upload is never
+buffered whole. Files stay in memory: the size limit bounds them, and no temporary files
+or thread hops are needed.
+
+Decoding opens the image lazily (Pillow reads only the header), refuses too many pixels
+before any pixel is decoded (decompression bombs), then decodes the first frame, applies
+the EXIF orientation and hands it to `model.preprocessing.image_to_tensor`, the same code
+training uses. It is plain blocking code: the routes run it in the decode executor.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from python_multipart.exceptions import FormParserError
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.requests import ClientDisconnect, Request
+
+from model.preprocessing import image_to_tensor
+from service.errors import ApiError
+
+logger = logging.getLogger("service")
+
+# Pillow's names for the formats the service accepts. MPO is how Pillow reports the JPEG
+# files many phone cameras write (a JPEG with extra preview frames).
+ACCEPTED_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "BMP", "WEBP", "GIF", "TIFF")
+_FORMATS_FOR_PEOPLE = "PNG, JPEG, BMP, WebP, GIF or TIFF"
+
+
+@dataclass(frozen=True)
+class Upload:
+    """One file from a multipart request."""
+
+    filename: str | None
+    data: bytes
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """An upload turned into model input, with what the response reports about it."""
+
+    pixels: torch.Tensor  # uint8 (3, 32, 32)
+    filename: str | None
+    format: str
+    mode: str
+    width: int
+    height: int
+    decode_ms: float
+
+
+class _PartCollector:
+    """python-multipart callbacks that keep the parts named `field`, at most `max_files`."""
+
+    def __init__(self, field: str, max_files: int) -> None:
+        self.field = field
+        self.max_files = max_files
+        self.uploads: list[Upload] = []
+        self._header_name = bytearray()
+        self._header_value = bytearray()
+        self._disposition = b""
+        self._data: bytearray | None = None
+        self._filename: str | None = None
+
+    def on_part_begin(self) -> None:
+        self._disposition = b""
+        self._data = None
+        self._filename = None
+
+    def on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self._header_name += data[start:end]
+
+    def on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self._header_value += data[start:end]
+
+    def on_header_end(self) -> None:
+        if bytes(self._header_name).lower() == b"content-disposition":
+            self._disposition = bytes(self._header_value)
+        self._header_name.clear()
+        self._header_value.clear()
+
+    def on_headers_finished(self) -> None:
+        _, options = parse_options_header(self._disposition)
+        if options.get(b"name", b"").decode("utf-8", "replace") != self.field:
+            return  # another field: its bytes count against the size limit, nothing more
+        if len(self.uploads) >= self.max_files:
+            raise ApiError(
+                400,
+                "too_many_files",
+                f"at most {self.max_files} file(s) per request in field {self.field!r}",
+            )
+        filename = options.get(b"filename")
+        self._filename = filename.decode("utf-8", "replace") if filename is not None else None
+        self._data = bytearray()
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        if self._data is not None:
+            self._data += data[start:end]
+
+    def on_part_end(self) -> None:
+        if self._data is not None:
+            self.uploads.append(Upload(self._filename, bytes(self._data)))
+            self._data = None
+
+
+def _too_large(max_bytes: int) -> ApiError:
+    return ApiError(413, "upload_too_large", f"the request body exceeds {max_bytes} bytes")
+
+
+async def read_uploads(
+    request: Request, *, field: str, max_files: int, max_bytes: int
+) -> list[Upload]:
+    """The files sent in multipart field `field`, in upload order; ApiError on any misuse."""
+    content_type, params = parse_options_header(request.headers.get("content-type"))
+    if content_type != b"multipart/form-data":
+        raise ApiError(
+            415,
+            "not_multipart",
+            f"send the image as multipart/form-data in field {field!r} (curl -F {field}=@cat.png)",
+        )
+    boundary = params.get(b"boundary")
+    if not boundary:
+        raise ApiError(400, "invalid_multipart", "the multipart Content-Type has no boundary")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise _too_large(max_bytes)  # refused before a byte of the body is read
+
+    collector = _PartCollector(field, max_files)
+    callbacks = {
+        name: getattr(collector, name)
+        for name in (
+            "on_part_begin",
+            "on_header_field",
+            "on_header_value",
+            "on_header_end",
+            "on_headers_finished",
+            "on_part_data",
+            "on_part_end",
+        )
+    }
+    received = 0
+    try:
+        parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > max_bytes:
+                raise _too_large(max_bytes)  # chunked or lying Content-Length: stop reading
+            parser.write(chunk)
+        parser.finalize()
+    except FormParserError as error:
+        raise ApiError(
+            400, "invalid_multipart", f"the multipart body is malformed: {error}"
+        ) from None
+    except ClientDisconnect:
+        raise ApiError(499, "client_closed_request", "the client closed the connection") from None
+    if not collector.uploads:
+        raise ApiError(400, "missing_file", f"no file in multipart field {field!r}")
+    return collector.uploads
+
+
+def _unidentified(data: bytes) -> ApiError:
+    """Tell an image in a format we do not take from something that is no image at all."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:  # identification only: nothing decoded
+            found = image.format
+    except Exception:  # whatever fails here, the bytes are no image we could name
+        found = None
+    if found:
+        return ApiError(
+            415,
+            "unsupported_format",
+            f"{found} images are not supported; send {_FORMATS_FOR_PEOPLE}",
+        )
+    return ApiError(
+        415, "not_an_image", f"the file is not an image in a known format ({_FORMATS_FOR_PEOPLE})"
+    )
+
+
+def decode_image(upload: Upload, max_pixels: int) -> DecodedImage:
+    """Upload bytes -> uint8 (3, 32, 32) tensor by the documented preprocessing rule."""
+    started = time.perf_counter()
+    if not upload.data:
+        raise ApiError(400, "empty_file", "the file is empty")
+    try:
+        image = Image.open(io.BytesIO(upload.data), formats=ACCEPTED_FORMATS)
+    except UnidentifiedImageError:
+        raise _unidentified(upload.data) from None
+    except Image.DecompressionBombError as error:
+        raise ApiError(413, "too_many_pixels", str(error)) from None
+    except Exception as error:  # plugins raise many types for a bad header; see below
+        raise ApiError(422, "corrupt_image", f"the image header is unreadable: {error}") from None
+    with image:
+        width, height = image.size
+        fmt, mode = image.format or "unknown", image.mode
+        if width * height > max_pixels:
+            raise ApiError(
+                413,
+                "too_many_pixels",
+                f"the image has {width}x{height} = {width * height} pixels; "
+                f"the limit is {max_pixels}",
+            )
+        if width == 0 or height == 0:
+            raise ApiError(422, "corrupt_image", f"the image is {width}x{height} pixels")
+        try:
+            image.load()  # the first frame of animations and multi-page TIFFs
+            ImageOps.exif_transpose(image, in_place=True)  # phones store rotated pixels
+            pixels = image_to_tensor(image)
+        except Image.DecompressionBombError as error:
+            raise ApiError(413, "too_many_pixels", str(error)) from None
+        except Exception as error:
+            # Pillow's decoders raise many types for malformed or truncated data (OSError,
+            # SyntaxError, ValueError, EOFError, struct.error, ...): with untrusted bytes,
+            # every one of them is the upload's fault, and must not become a 500.
+            logger.debug("decode failed: %r", error)
+            raise ApiError(
+                422, "corrupt_image", f"the image data is corrupt or truncated: {error}"
+            ) from None
+    return DecodedImage(
+        pixels=pixels,
+        filename=upload.filename,
+        format="JPEG" if fmt == "MPO" else fmt,
+        mode=mode,
+        width=width,
+        height=height,
+        decode_ms=(time.perf_counter() - started) * 1000,
+    )

@@ -1,0 +1,129 @@
+"""Helpers for the service tests: images in every format, engines that block or fail, an
+in-process app driven by httpx, and the reference (unbatched) model."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import threading
+from collections.abc import AsyncIterator, Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import torch
+from fastapi import FastAPI
+from PIL import Image
+
+from model.preprocessing import image_to_tensor, normalize
+from model.weights import load_checked
+from service.app import create_app, load_engine
+from service.config import Settings
+from service.engines.base import Engine
+
+
+def image_bytes(image: Image.Image, fmt: str, **save: Any) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **save)
+    return buffer.getvalue()
+
+
+def noise_image(width: int, height: int, seed: int, mode: str = "RGB") -> Image.Image:
+    """A random picture: distinct seeds give distinct predictions from the test model."""
+    rng = np.random.default_rng(seed)
+    rgb = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), "RGB")
+    return rgb if mode == "RGB" else rgb.convert(mode)
+
+
+def png(seed: int = 0, width: int = 40, height: int = 36) -> bytes:
+    return image_bytes(noise_image(width, height, seed), "PNG")
+
+
+def reference_probabilities(weights: Path, images: Iterable[Image.Image]) -> list[list[float]]:
+    """What the model gives for each image alone: batch size 1, no service involved."""
+    model, _ = load_checked(weights)
+    rows = []
+    with torch.inference_mode():
+        for image in images:
+            logits = model(normalize(image_to_tensor(image).unsqueeze(0)))
+            rows.append(torch.softmax(logits.float(), dim=1)[0].tolist())
+    return rows
+
+
+def settings_for(weights: Path, **overrides: Any) -> Settings:
+    """Small, fast settings for in-process apps (few batch sizes to warm up)."""
+    values: dict[str, Any] = {"weights_path": weights, "max_batch_size": 8, "max_wait_ms": 20}
+    values.update(overrides)
+    return Settings(**values)
+
+
+class GatedEngine(Engine):
+    """Wraps a real engine; `run` waits for `gate` (set by default) and records batch sizes.
+    With `fail` set it raises instead, like an engine that hit a device error."""
+
+    def __init__(self, inner: Engine) -> None:
+        super().__init__(None, inner.card, inner.options)  # type: ignore[arg-type]
+        self.name = inner.name
+        self.inner = inner
+        self.gate = threading.Event()
+        self.gate.set()
+        self.started = threading.Event()  # set when a batch has entered run()
+        self.fail = False
+        self.batches: list[int] = []
+        self.warmed: list[int] = []
+
+    @property
+    def device(self) -> str:
+        return self.inner.device
+
+    def warm_up(self, batch_sizes: Iterable[int]) -> None:
+        self.warmed = list(batch_sizes)
+        self.inner.warm_up(self.warmed)
+
+    def run(self, images: torch.Tensor) -> torch.Tensor:
+        self.started.set()
+        if not self.gate.wait(timeout=30):
+            raise RuntimeError("test gate never opened")
+        if self.fail:
+            raise RuntimeError("simulated device failure")
+        self.batches.append(images.shape[0])
+        return self.inner.run(images)
+
+
+def gated_factory(settings: Settings) -> tuple[Callable[[], Engine], Callable[[], GatedEngine]]:
+    """A factory for create_app and a getter for the engine it built."""
+    built: list[GatedEngine] = []
+
+    def factory() -> Engine:
+        built.append(GatedEngine(load_engine(settings)))
+        return built[0]
+
+    return factory, lambda: built[0]
+
+
+@contextlib.asynccontextmanager
+async def running(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    """Run the app's lifespan and talk to it in-process, concurrently if need be."""
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            yield client
+
+
+def app_for(settings: Settings, factory: Callable[[], Engine] | None = None) -> FastAPI:
+    return create_app(settings, factory)
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in Prometheus text format (0 when absent)."""
+    wanted = ",".join(f'{key}="{value}"' for key, value in sorted(labels.items()))
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        key, _, value = line.rpartition(" ")
+        sample, _, rest = key.partition("{")
+        found = ",".join(sorted(rest.rstrip("}").split(","))) if rest else ""
+        if sample == name and found == wanted:
+            return float(value)
+    return 0.0

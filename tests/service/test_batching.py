@@ -1,0 +1,248 @@
+"""Dynamic batching under concurrency, overload, deadlines, departed clients and failures."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import torch
+
+from service.app import create_app, load_engine
+from service.engines.base import Engine
+from tests.service.support import (
+    gated_factory,
+    image_bytes,
+    metric,
+    noise_image,
+    png,
+    reference_probabilities,
+    running,
+    settings_for,
+)
+
+
+async def _wait_until(condition: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition never became true"
+        await asyncio.sleep(0.01)
+
+
+def test_concurrent_requests_share_batches_and_match_the_unbatched_model(
+    weights_file: Path,
+) -> None:
+    images = [noise_image(36, 36, seed=500 + i) for i in range(24)]
+
+    async def scenario() -> tuple[list[httpx.Response], str]:
+        settings = settings_for(weights_file, max_batch_size=8, max_wait_ms=100)
+        async with running(create_app(settings)) as client:
+            responses = await asyncio.gather(
+                *(
+                    client.post("/predict", files={"file": (f"{i}.png", image_bytes(im, "PNG"))})
+                    for i, im in enumerate(images)
+                )
+            )
+            return list(responses), (await client.get("/metrics")).text
+
+    responses, metrics = asyncio.run(scenario())
+    assert all(r.status_code == 200 for r in responses)
+    batches = metric(metrics, "inference_batch_size_count")
+    assert metric(metrics, "inference_batch_size_sum") == len(images)
+    assert batches < len(images)  # requests shared forward passes
+    assert max(r.json()["timings"]["batch_size"] for r in responses) > 1
+    expected = reference_probabilities(weights_file, images)
+    for response, row in zip(responses, expected, strict=True):
+        # each answer is its own image's, exactly what the model gives it alone
+        np.testing.assert_allclose(
+            list(response.json()["probabilities"].values()), row, rtol=1e-4, atol=1e-6
+        )
+
+
+def test_full_queue_answers_429_with_retry_after(weights_file: Path) -> None:
+    settings = settings_for(weights_file, max_batch_size=1, queue_size=2)
+    factory, engine = gated_factory(settings)
+
+    async def scenario() -> None:
+        app = create_app(settings, factory)
+        async with running(app) as client:
+            engine().gate.clear()  # inference blocks: admitted images pile up
+            held = [
+                asyncio.create_task(client.post("/predict", files={"file": ("a", png(i))}))
+                for i in range(2)
+            ]
+            await _wait_until(lambda: app.state.service.pending == 2)
+            refused = await client.post("/predict", files={"file": ("a", png(9))})
+            assert refused.status_code == 429
+            assert refused.json()["error"]["code"] == "overloaded"
+            assert refused.headers["retry-after"] == "1"
+            batch = await client.post(
+                "/predict/batch", files=[("files", ("a", png(1))), ("files", ("b", png(2)))]
+            )
+            assert batch.status_code == 429
+            engine().gate.set()
+            assert [r.status_code for r in await asyncio.gather(*held)] == [200, 200]
+            # once the queue has room again, requests are served
+            again = await client.post("/predict", files={"file": ("a", png(9))})
+            assert again.status_code == 200
+
+    asyncio.run(scenario())
+
+
+def test_request_past_its_deadline_gets_504_and_never_enters_a_batch(weights_file: Path) -> None:
+    settings = settings_for(weights_file, max_batch_size=1, request_timeout_s=1.0)
+    factory, engine = gated_factory(settings)
+
+    async def scenario() -> None:
+        app = create_app(settings, factory)
+        async with running(app) as client:
+            engine().gate.clear()
+            engine().started.clear()
+            first = asyncio.create_task(client.post("/predict", files={"file": ("a", png(1))}))
+            await asyncio.to_thread(engine().started.wait, 10)  # first batch is in run()
+            second = await client.post("/predict", files={"file": ("b", png(2))})
+            assert second.status_code == 504
+            assert second.json()["error"]["code"] == "timeout"
+            engine().gate.set()
+            assert (await first).status_code in (200, 504)  # it waited on the gate too
+            # FIFO: once a later request is answered, the timed-out one was dealt with
+            later = await client.post("/predict", files={"file": ("c", png(3))})
+            assert later.status_code == 200
+            metrics = (await client.get("/metrics")).text
+            assert metric(metrics, "inference_dropped_images_total", reason="cancelled") == 1
+
+    asyncio.run(scenario())
+    assert engine().batches == [1, 1]  # the first and the later image; not the timed-out
+
+
+def test_failed_batch_answers_500_and_the_worker_goes_on(weights_file: Path) -> None:
+    settings = settings_for(weights_file, max_batch_size=4)
+    factory, engine = gated_factory(settings)
+
+    async def scenario() -> None:
+        async with running(create_app(settings, factory)) as client:
+            engine().fail = True
+            failed = await client.post("/predict", files={"file": ("a", png(1))})
+            assert failed.status_code == 500
+            assert failed.json()["error"]["code"] == "inference_failed"
+            engine().fail = False
+            assert (await client.post("/predict", files={"file": ("a", png(1))})).status_code == 200
+            metrics = (await client.get("/metrics")).text
+            assert metric(metrics, "inference_batch_failures_total") == 1
+
+    asyncio.run(scenario())
+
+
+def test_client_that_leaves_is_dropped_before_its_batch(weights_file: Path) -> None:
+    """Raw ASGI: the client sends its upload, then disconnects while the worker is busy."""
+    settings = settings_for(weights_file, max_batch_size=1)
+    factory, engine = gated_factory(settings)
+    body = httpx.Request("POST", "http://t/predict", files={"file": ("a", png(3))})
+    content = body.read()
+
+    async def scenario() -> list[dict[str, Any]]:
+        app = create_app(settings, factory)
+        async with running(app) as client:
+            engine().gate.clear()
+            engine().started.clear()
+            busy = asyncio.create_task(client.post("/predict", files={"file": ("a", png(1))}))
+            await asyncio.to_thread(engine().started.wait, 10)
+            leave = asyncio.Event()
+            messages = [{"type": "http.request", "body": content, "more_body": False}]
+
+            async def receive() -> dict[str, Any]:
+                if messages:
+                    return messages.pop(0)
+                await leave.wait()
+                return {"type": "http.disconnect"}
+
+            sent: list[dict[str, Any]] = []
+
+            async def send(message: dict[str, Any]) -> None:
+                sent.append(message)
+
+            scope = {
+                "type": "http",
+                "asgi": {"version": "3.0"},
+                "http_version": "1.1",
+                "method": "POST",
+                "scheme": "http",
+                "path": "/predict",
+                "raw_path": b"/predict",
+                "query_string": b"",
+                "root_path": "",
+                "headers": [(k.lower().encode(), v.encode()) for k, v in body.headers.items()],
+                "client": ("test", 1),
+                "server": ("t", 80),
+                "state": {},
+            }
+            call = asyncio.create_task(app(scope, receive, send))
+            await _wait_until(lambda: app.state.service.batcher.depth == 1)
+            leave.set()
+            await asyncio.wait_for(call, 10)
+            engine().gate.set()
+            assert (await busy).status_code == 200
+            # FIFO: once a later request is answered, the departed one was dealt with
+            later = await client.post("/predict", files={"file": ("c", png(4))})
+            assert later.status_code == 200
+            return sent
+
+    sent = asyncio.run(scenario())
+    assert sent[0]["status"] == 499
+    assert engine().batches == [1, 1]  # the busy and the later request; not the departed
+
+
+def test_engine_built_and_run_on_one_inference_thread(weights_file: Path) -> None:
+    settings = settings_for(weights_file, max_batch_size=2)
+    threads: list[str] = []
+
+    def factory() -> Engine:
+        threads.append(threading.current_thread().name)
+        engine = load_engine(settings)
+        run = engine.run
+
+        def traced(images: torch.Tensor) -> torch.Tensor:
+            threads.append(threading.current_thread().name)
+            return run(images)
+
+        engine.run = traced  # type: ignore[method-assign]
+        return engine
+
+    async def scenario() -> None:
+        async with running(create_app(settings, factory)) as client:
+            await asyncio.gather(
+                *(client.post("/predict", files={"file": ("a", png(i))}) for i in range(4))
+            )
+
+    asyncio.run(scenario())
+    assert len(set(threads)) == 1 and threads[0].startswith("inference")
+
+
+def test_every_batch_size_is_warmed_up_before_ready(weights_file: Path) -> None:
+    settings = settings_for(weights_file, max_batch_size=5)
+    factory, engine = gated_factory(settings)
+
+    async def scenario() -> None:
+        app = create_app(settings, factory)
+        async with running(app) as client:
+            assert engine().warmed == [1, 2, 3, 4, 5]
+            assert (await client.get("/health")).status_code == 200
+
+    asyncio.run(scenario())
+
+
+def test_a_lone_request_does_not_wait_for_company(weights_file: Path) -> None:
+    """max_wait only applies while more admitted images are on their way."""
+    settings = settings_for(weights_file, max_batch_size=8, max_wait_ms=5000)
+
+    async def scenario() -> httpx.Response:
+        async with running(create_app(settings)) as client:
+            return await client.post("/predict", files={"file": ("a", png(1))})
+
+    response = asyncio.run(scenario())
+    assert response.status_code == 200
+    assert response.json()["timings"]["queue_ms"] < 1000  # not the 5 s max_wait

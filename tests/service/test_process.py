@@ -1,0 +1,173 @@
+"""`python -m service` as a real process: refusing bad weights, and draining on SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from model.weights import card_path, sha256_of
+from tests.service.support import metric, png
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _service(weights: Path, port: int, *flags: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [
+            *(sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port)),
+            *("--weights-path", str(weights), *flags),
+        ],
+        cwd=PROJECT_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _copy_weights(source: Path, target: Path) -> Path:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(source, target)
+    shutil.copy(card_path(source), card_path(target))
+    return target
+
+
+def _edit_card(weights: Path, **changes: object) -> None:
+    card = json.loads(card_path(weights).read_text())
+    for key, value in changes.items():
+        if key == "depth":
+            card["architecture"]["depth"] = value
+        else:
+            card[key] = value
+    card_path(weights).write_text(json.dumps(card))
+
+
+def test_bad_weights_exit_nonzero_with_a_one_line_reason(
+    weights_file: Path, tmp_path: Path
+) -> None:
+    missing = tmp_path / "missing" / "resnet56.safetensors"
+
+    corrupt = _copy_weights(weights_file, tmp_path / "corrupt" / "w.safetensors")
+    data = bytearray(corrupt.read_bytes())
+    data[-100] ^= 0xFF  # one flipped byte: the SHA-256 no longer matches the card
+    corrupt.write_bytes(bytes(data))
+
+    mismatched = _copy_weights(weights_file, tmp_path / "mismatched" / "w.safetensors")
+    _edit_card(mismatched, sha256="0" * 64)
+
+    not_safetensors = tmp_path / "garbage" / "w.safetensors"
+    _copy_weights(weights_file, not_safetensors)
+    not_safetensors.write_bytes(b"this is not a safetensors file")
+    _edit_card(not_safetensors, sha256=sha256_of(not_safetensors))
+
+    wrong_architecture = _copy_weights(weights_file, tmp_path / "arch" / "w.safetensors")
+    _edit_card(wrong_architecture, depth=20)  # a ResNet8's tensors do not fit a ResNet20
+
+    no_card = _copy_weights(weights_file, tmp_path / "nocard" / "w.safetensors")
+    card_path(no_card).unlink()
+
+    cases: dict[str, tuple[Path, tuple[str, ...]]] = {
+        "not found": (missing, ()),
+        "SHA-256": (corrupt, ()),
+        "card says": (mismatched, ()),
+        "not a readable safetensors": (not_safetensors, ()),
+        "does not fit ResNet20": (wrong_architecture, ()),
+        "model card": (no_card, ()),
+        "setting engine": (weights_file, ("--engine", "tensorrt")),
+    }
+    if not torch.accelerator.is_available():
+        cases["no accelerator"] = (weights_file, ("--device", "cuda"))
+    # All at once: each process pays for importing torch, so in parallel they take one's time.
+    processes = {
+        reason: _service(path, _free_port(), *flags) for reason, (path, flags) in cases.items()
+    }
+    for reason, process in processes.items():
+        _, stderr = process.communicate(timeout=120)
+        assert process.returncode == 2, (reason, stderr)
+        errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1, stderr
+        assert reason in errors[0], errors[0]
+        assert "Traceback" not in stderr
+
+
+def _wait_ready(url: str, process: subprocess.Popen[str], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()[1]
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    process.kill()
+    pytest.fail(f"the service never became ready: {process.communicate()[1]}")
+
+
+def test_sigterm_answers_every_accepted_request_then_exits_0(weights_file: Path) -> None:
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = _service(weights_file, port, "--max-batch-size", "16")
+    go = threading.Event()
+
+    def slow_upload(seed: int) -> httpx.Response:
+        """A request that is accepted, then still uploading when SIGTERM arrives."""
+        request = httpx.Request("POST", url, files={"file": ("a.png", png(seed))})
+        body = request.read()
+
+        def chunks() -> Iterator[bytes]:
+            yield body[: len(body) // 2]
+            go.wait(timeout=60)
+            yield body[len(body) // 2 :]
+
+        headers = {"content-type": request.headers["content-type"]}
+        return httpx.post(f"{url}/predict", content=chunks(), headers=headers, timeout=60)
+
+    try:
+        _wait_ready(url, process)
+        with ThreadPoolExecutor(6) as pool:
+            in_flight = [pool.submit(slow_upload, seed) for seed in range(6)]
+            deadline = time.monotonic() + 30
+            while metric(httpx.get(f"{url}/metrics").text, "inference_pending_images") < 6:
+                assert time.monotonic() < deadline, "the requests were never admitted"
+                time.sleep(0.02)
+
+            process.send_signal(signal.SIGTERM)
+            health = httpx.get(f"{url}/health", timeout=5)
+            while health.json()["status"] == "ready":  # the signal is handled asynchronously
+                health = httpx.get(f"{url}/health", timeout=5)
+            assert (health.status_code, health.json()["status"]) == (503, "draining")
+            refused = httpx.post(f"{url}/predict", files={"file": ("b", png(9))}, timeout=10)
+            assert refused.status_code == 503
+            assert refused.json()["error"]["code"] == "shutting_down"
+
+            go.set()  # the accepted requests finish their uploads, during the drain
+            answers = [future.result() for future in in_flight]
+        assert [a.status_code for a in answers] == [200] * 6, [a.text for a in answers]
+        assert process.wait(timeout=60) == 0
+    finally:
+        go.set()
+        if process.poll() is None:
+            process.kill()
+    stderr = process.communicate()[1]
+    assert "draining, 6 images in hand" in stderr
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"{url}/health/live", timeout=2)  # and the port is closed
