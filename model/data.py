@@ -46,9 +46,7 @@ class Dataset:
     labels: torch.Tensor
     classes: tuple[str, ...]
     source: str
-    checksum: (
-        str  # SHA-256 of the source (file bytes; for a folder, its paths and bytes)
-    )
+    checksum: str  # SHA-256 of the source (file bytes; for a folder, its paths and bytes)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -131,12 +129,8 @@ def _stack(
 def _load_folder(
     root: Path,
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...], list[Path]]:
-    files = sorted(
-        p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-    )
-    samples = [
-        (file.parent.name, _decode(file.read_bytes(), str(file))) for file in files
-    ]
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    samples = [(file.parent.name, _decode(file.read_bytes(), str(file))) for file in files]
     images, labels, classes = _stack(samples, str(root))
     return images, labels, classes, files
 
@@ -159,9 +153,7 @@ def _load_archive(path: Path) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ..
 def _load_cifar_batches(
     folder: Path, split: str
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
-    names = (
-        [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
-    )
+    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
     arrays, labels = [], []
     for name in names:
         # The official CIFAR-10 python batches are pickles; there is no other format for
@@ -193,9 +185,7 @@ def load_dataset(
     if download and _cifar_batches_dir(path) is None:
         import torchvision  # only needed to fetch, where there is internet
 
-        torchvision.datasets.CIFAR10(
-            str(path), train=cifar_split == "train", download=True
-        )
+        torchvision.datasets.CIFAR10(str(path), train=cifar_split == "train", download=True)
     if not path.exists():
         raise FileNotFoundError(
             f"data source {str(path)!r} does not exist: pass a cifar-10-batches-py folder, a "
@@ -206,39 +196,30 @@ def load_dataset(
     folder_files: list[Path] = []
     if cifar_dir is not None:
         names = (
-            [f"data_batch_{i}" for i in range(1, 6)]
-            if cifar_split == "train"
-            else ["test_batch"]
+            [f"data_batch_{i}" for i in range(1, 6)] if cifar_split == "train" else ["test_batch"]
         )
         checksum = _sha256_tree(cifar_dir, [cifar_dir / name for name in names])
     elif path.is_dir():
         folder_files = sorted(
-            p
-            for p in path.rglob("*")
-            if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+            p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
         )
         checksum = _sha256_tree(path, folder_files)
     elif path.name.lower().endswith(ARCHIVE_SUFFIXES):
         checksum = _sha256_file(path).hexdigest()
     else:
         raise ValueError(
-            f"unsupported data source {str(path)!r}: expected a folder or a .tar/.tar.gz/.tgz archive"
+            f"unsupported data source {str(path)!r}: "
+            "expected a folder or a .tar/.tar.gz/.tgz archive"
         )
 
-    cache_file = (
-        cache_dir or default_cache_dir()
-    ) / f"{checksum}-v{CACHE_FORMAT}.safetensors"
+    cache_file = (cache_dir or default_cache_dir()) / f"{checksum}-v{CACHE_FORMAT}.safetensors"
     if cache_file.is_file():
         tensors = load_file(cache_file)
-        with open(
-            cache_file, "rb"
-        ) as handle:  # class names live in the header metadata
+        with open(cache_file, "rb") as handle:  # class names live in the header metadata
             header_size = int.from_bytes(handle.read(8), "little")
             metadata = json.loads(handle.read(header_size))["__metadata__"]
         classes = tuple(json.loads(metadata["classes"]))
-        return Dataset(
-            tensors["images"], tensors["labels"], classes, str(path), checksum
-        )
+        return Dataset(tensors["images"], tensors["labels"], classes, str(path), checksum)
 
     if cifar_dir is not None:
         images, labels, classes = _load_cifar_batches(cifar_dir, cifar_split)
@@ -279,39 +260,25 @@ def stratified_split(
     quota = exact.floor().long()
     leftover = val_size - int(quota.sum())
     quota[torch.argsort(exact - quota, descending=True)[:leftover]] += 1
-    val_parts = [
-        order[shuffled == cls][: int(n)] for cls, n in zip(classes, quota, strict=True)
-    ]
+    val_parts = [order[shuffled == cls][: int(n)] for cls, n in zip(classes, quota, strict=True)]
     val = torch.cat(val_parts).sort().values
     is_val = torch.zeros(len(labels), dtype=torch.bool)
     is_val[val] = True
-    train = order[
-        ~is_val[order]
-    ]  # keeps the seeded shuffle, so --limit takes a random subset
+    train = order[~is_val[order]]  # keeps the seeded shuffle, so --limit takes a random subset
     return train, val
 
 
 # --- Batched augmentation on the device --------------------------------------------------
 
 
-def random_crop(
-    images: torch.Tensor, padding: int, generator: torch.Generator
-) -> torch.Tensor:
+def random_crop(images: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
     """Per-image random crop after zero-padding by `padding` pixels (He et al. 2015 §4.2)."""
     n, _, height, width = images.shape
     padded = torch.nn.functional.pad(images, (padding,) * 4)
-    dy = torch.randint(
-        0, 2 * padding + 1, (n,), device=images.device, generator=generator
-    )
-    dx = torch.randint(
-        0, 2 * padding + 1, (n,), device=images.device, generator=generator
-    )
-    rows = (dy[:, None] + torch.arange(height, device=images.device))[
-        :, :, None
-    ]  # n, h, 1
-    cols = (dx[:, None] + torch.arange(width, device=images.device))[
-        :, None, :
-    ]  # n, 1, w
+    dy = torch.randint(0, 2 * padding + 1, (n,), device=images.device, generator=generator)
+    dx = torch.randint(0, 2 * padding + 1, (n,), device=images.device, generator=generator)
+    rows = (dy[:, None] + torch.arange(height, device=images.device))[:, :, None]  # n, h, 1
+    cols = (dx[:, None] + torch.arange(width, device=images.device))[:, None, :]  # n, 1, w
     batch = torch.arange(n, device=images.device)[:, None, None]
     # Advanced indexing around a slice puts the indexed dims first: (n, h, w, c).
     return padded[batch, :, rows, cols].permute(0, 3, 1, 2).contiguous()
@@ -332,7 +299,9 @@ def cutout(images: torch.Tensor, size: int, generator: torch.Generator) -> torch
     xs = torch.arange(width, device=images.device)[None, None, :]
     # Offsets -size//2 .. size - size//2 - 1: exactly `size` pixels for odd and even sizes.
     half = size // 2
-    inside = (ys - cy >= -half) & (ys - cy < size - half) & (xs - cx >= -half) & (xs - cx < size - half)
+    inside = (
+        (ys - cy >= -half) & (ys - cy < size - half) & (xs - cx >= -half) & (xs - cx < size - half)
+    )
     return images.masked_fill(inside[:, None], 0)
 
 

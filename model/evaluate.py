@@ -37,17 +37,11 @@ def evaluate_model(
     """Loss, accuracy, per-class accuracy and confusion matrix of `model` on uint8 images."""
     was_training = model.training
     model.eval()
-    num_classes = (
-        int(model.fc.out_features)
-        if hasattr(model, "fc")
-        else int(labels.max()) + 1
-    )
+    num_classes = int(model.fc.out_features) if hasattr(model, "fc") else int(labels.max()) + 1
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
     loss_sum = 0.0
     autocast = (
-        torch.autocast(device.type, dtype=amp_dtype)
-        if amp_dtype
-        else contextlib.nullcontext()
+        torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
     )
     with autocast:
         for start in range(0, len(labels), batch_size):
@@ -63,9 +57,7 @@ def evaluate_model(
                 (target * num_classes + predicted).cpu(), minlength=num_classes**2
             ).view(num_classes, num_classes)
     model.train(was_training)
-    per_class = (
-        confusion.diag().double() / confusion.sum(1).clamp(min=1).double()
-    ).tolist()
+    per_class = (confusion.diag().double() / confusion.sum(1).clamp(min=1).double()).tolist()
     return {
         "images": len(labels),
         "loss": loss_sum / max(1, len(labels)),
@@ -75,9 +67,7 @@ def evaluate_model(
     }
 
 
-def plot_confusion(
-    confusion: list[list[int]], classes: list[str], path: Path, title: str
-) -> None:
+def plot_confusion(confusion: list[list[int]], classes: list[str], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -136,9 +126,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--weights", type=Path, default=Path("weights/resnet56.safetensors")
-    )
+    parser.add_argument("--weights", type=Path, default=Path("weights/resnet56.safetensors"))
     parser.add_argument("--data", required=True)
     parser.add_argument(
         "--cifar-split",
@@ -159,9 +147,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         default=0,
         help="evaluate only the validation split of this size",
     )
-    parser.add_argument(
-        "--seed", type=int, default=0, help="seed of that split (as in training)"
-    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of that split (as in training)")
     parser.add_argument(
         "--tta", action="store_true", help="average with horizontally flipped images"
     )
@@ -180,9 +166,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         model, card = load_checked(args.weights)
     except WeightsError as error:
         parser.exit(2, f"error: {error}\n")
-    device = torch.device(
-        args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    )
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dataset = load_dataset(
         args.data,
         cifar_split=args.cifar_split,
@@ -196,7 +180,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if list(dataset.classes) != classes:
         parser.exit(
             2,
-            f"error: the data's classes {list(dataset.classes)} differ from the model's {classes}\n",
+            f"error: the data's classes {list(dataset.classes)} "
+            f"differ from the model's {classes}\n",
         )
     result = evaluate_model(
         model.to(device),

@@ -54,9 +54,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "F":
         pixels = np.asarray(image, dtype=np.float64)
         scale = 255.0 if pixels.max() <= 1.0 else 1.0
-        return Image.fromarray(
-            np.clip(pixels * scale, 0, 255).astype(np.uint8)
-        ).convert("RGB")
+        return Image.fromarray(np.clip(pixels * scale, 0, 255).astype(np.uint8)).convert("RGB")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
@@ -74,9 +72,7 @@ def resize_and_crop(image: Image.Image, size: int = IMAGE_SIZE) -> Image.Image:
     scale = size / min(width, height)
     new_width = max(size, round(width * scale))
     new_height = max(size, round(height * scale))
-    image = image.resize(
-        (new_width, new_height), Image.Resampling.BICUBIC, reducing_gap=None
-    )
+    image = image.resize((new_width, new_height), Image.Resampling.BICUBIC, reducing_gap=None)
     left = (new_width - size) // 2
     top = (new_height - size) // 2
     return image.crop((left, top, left + size, top + size))

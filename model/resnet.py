@@ -26,9 +26,7 @@ Shortcut = Literal["projection", "padding"]
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
     """3x3 convolution with padding 1; no bias, since a BatchNorm always follows or precedes."""
-    return nn.Conv2d(
-        in_planes, out_planes, kernel_size=3, stride=stride, padding=1, bias=False
-    )
+    return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=1, bias=False)
 
 
 def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
@@ -56,9 +54,7 @@ class PaddingShortcut(nn.Module):
 
 def projection_shortcut(in_planes: int, out_planes: int, stride: int) -> nn.Sequential:
     """Option B: a strided 1x1 convolution and BatchNorm (torchvision's `downsample`)."""
-    return nn.Sequential(
-        conv1x1(in_planes, out_planes, stride), nn.BatchNorm2d(out_planes)
-    )
+    return nn.Sequential(conv1x1(in_planes, out_planes, stride), nn.BatchNorm2d(out_planes))
 
 
 class BasicBlock(nn.Module):
@@ -105,9 +101,7 @@ class PreActBottleneck(nn.Module):
     ) -> None:
         super().__init__()
         out_planes = planes * self.expansion
-        self.bn1: nn.Module = (
-            nn.BatchNorm2d(in_planes) if preactivate else nn.Identity()
-        )
+        self.bn1: nn.Module = nn.BatchNorm2d(in_planes) if preactivate else nn.Identity()
         self.preactivate = preactivate
         self.conv1 = conv1x1(in_planes, planes)
         self.bn2 = nn.BatchNorm2d(planes)
@@ -121,9 +115,7 @@ class PreActBottleneck(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(x)) if self.preactivate else x
         # He et al. 2016 Fig. 5: the projection takes the pre-activated input.
-        shortcut = (
-            self.shortcut(out) if not isinstance(self.shortcut, nn.Identity) else x
-        )
+        shortcut = self.shortcut(out) if not isinstance(self.shortcut, nn.Identity) else x
         out = self.conv1(out)
         out = self.conv2(F.relu(self.bn2(out)))
         out = self.conv3(F.relu(self.bn3(out)))
@@ -146,19 +138,11 @@ class ResNet(nn.Module):
         self.bn1 = nn.BatchNorm2d(16)
         self.in_planes = 16
         # Stage widths: 16/32/64 for v1; bottleneck widths 16/32/64 (outputs x4) for v2.
-        self.layer1 = self._make_layer(
-            16, blocks_per_stage, stride=1, shortcut=shortcut
-        )
-        self.layer2 = self._make_layer(
-            32, blocks_per_stage, stride=2, shortcut=shortcut
-        )
-        self.layer3 = self._make_layer(
-            64, blocks_per_stage, stride=2, shortcut=shortcut
-        )
+        self.layer1 = self._make_layer(16, blocks_per_stage, stride=1, shortcut=shortcut)
+        self.layer2 = self._make_layer(32, blocks_per_stage, stride=2, shortcut=shortcut)
+        self.layer3 = self._make_layer(64, blocks_per_stage, stride=2, shortcut=shortcut)
         # v2 ends with BN-ReLU before pooling, since its blocks end on a bare conv.
-        self.final_bn: nn.Module = (
-            nn.BatchNorm2d(self.in_planes) if version == 2 else nn.Identity()
-        )
+        self.final_bn: nn.Module = nn.BatchNorm2d(self.in_planes) if version == 2 else nn.Identity()
         self.fc = nn.Linear(self.in_planes, num_classes)
         self._init_weights()
 
@@ -169,15 +153,11 @@ class ResNet(nn.Module):
         for index in range(blocks):
             block_stride = stride if index == 0 else 1
             if self.version == 1:
-                block: nn.Module = BasicBlock(
-                    self.in_planes, planes, block_stride, shortcut
-                )
+                block: nn.Module = BasicBlock(self.in_planes, planes, block_stride, shortcut)
                 self.in_planes = planes
             else:
                 first_of_network = self.in_planes == 16 and index == 0
-                block = PreActBottleneck(
-                    self.in_planes, planes, block_stride, not first_of_network
-                )
+                block = PreActBottleneck(self.in_planes, planes, block_stride, not first_of_network)
                 self.in_planes = planes * PreActBottleneck.expansion
             layers.append(block)
         return nn.Sequential(*layers)
@@ -186,9 +166,7 @@ class ResNet(nn.Module):
         # He et al. 2015 §3.4: "We initialize the weights as in [He et al. 2015b]" (Kaiming).
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(
-                    module.weight, mode="fan_out", nonlinearity="relu"
-                )
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(module, nn.BatchNorm2d):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
@@ -211,9 +189,7 @@ def blocks_for_depth(depth: int, version: int) -> int:
         return (depth - 2) // 6
     if version == 2:
         if depth < 11 or (depth - 2) % 9 != 0:
-            raise ValueError(
-                f"ResNet v2 depth must be 9n+2 (29, 56, 110, 164, ...), got {depth}"
-            )
+            raise ValueError(f"ResNet v2 depth must be 9n+2 (29, 56, 110, 164, ...), got {depth}")
         return (depth - 2) // 9
     raise ValueError(f"ResNet version must be 1 or 2, got {version}")
 
@@ -229,9 +205,7 @@ def resnet(
     `shortcut` (v1 only): "projection" (1x1 conv + BN, default) or "padding" (option A).
     """
     if shortcut not in ("projection", "padding"):
-        raise ValueError(
-            f"shortcut must be 'projection' or 'padding', got {shortcut!r}"
-        )
+        raise ValueError(f"shortcut must be 'projection' or 'padding', got {shortcut!r}")
     blocks = blocks_for_depth(depth, version)
     return ResNet(version, blocks, num_classes, shortcut)  # type: ignore[arg-type]
 
@@ -264,9 +238,7 @@ def summary(model: ResNet, image_size: int = 32) -> str:
         for name in ("layer1", "layer2", "layer3"):
             layer = getattr(model, name)
             x = layer(x)
-            rows.append(
-                f"{name:<8}{tuple(x.shape[1:])!s:<20}{count_parameters(layer):>12,}"
-            )
+            rows.append(f"{name:<8}{tuple(x.shape[1:])!s:<20}{count_parameters(layer):>12,}")
         head = count_parameters(model.final_bn) + count_parameters(model.fc)
         rows.append(f"{'head':<8}{(model.fc.out_features,)!s:<20}{head:>12,}")
     rows.append(f"{'total':<28}{count_parameters(model):>12,}")
@@ -274,14 +246,10 @@ def summary(model: ResNet, image_size: int = 32) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description="Print a CIFAR ResNet's per-stage summary."
-    )
+    parser = argparse.ArgumentParser(description="Print a CIFAR ResNet's per-stage summary.")
     parser.add_argument("--depth", type=int, default=56)
     parser.add_argument("--version", type=int, default=1, choices=(1, 2))
-    parser.add_argument(
-        "--shortcut", default="projection", choices=("projection", "padding")
-    )
+    parser.add_argument("--shortcut", default="projection", choices=("projection", "padding"))
     parser.add_argument("--num-classes", type=int, default=10)
     args = parser.parse_args(argv)
     model = resnet(args.depth, args.version, args.num_classes, args.shortcut)

@@ -72,9 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--depth", type=int, default=56)
     p.add_argument("--version", type=int, default=1, choices=(1, 2))
-    p.add_argument(
-        "--shortcut", default="projection", choices=("projection", "padding")
-    )
+    p.add_argument("--shortcut", default="projection", choices=("projection", "padding"))
     p.add_argument("--epochs", type=int, default=50)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--optimizer", default="sgd", choices=("sgd", "adam"))
@@ -92,28 +90,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="also apply weight decay to BN and biases",
     )
-    p.add_argument(
-        "--schedule", default="cosine", choices=("cosine", "onecycle", "step")
-    )
+    p.add_argument("--schedule", default="cosine", choices=("cosine", "onecycle", "step"))
     p.add_argument("--warmup-epochs", type=float, default=2.0)
     p.add_argument("--label-smoothing", type=float, default=0.1)
-    p.add_argument(
-        "--ema-decay", type=float, default=0.999, help="per-step EMA decay (0: no EMA)"
-    )
+    p.add_argument("--ema-decay", type=float, default=0.999, help="per-step EMA decay (0: no EMA)")
     p.add_argument("--crop-padding", type=int, default=4)
     p.add_argument("--no-flip", action="store_true")
-    p.add_argument(
-        "--cutout", type=int, default=0, help="cutout square size in pixels (0: off)"
-    )
+    p.add_argument("--cutout", type=int, default=0, help="cutout square size in pixels (0: off)")
     p.add_argument(
         "--precision",
         default="auto",
         choices=("auto", "fp32", "bf16", "fp16"),
         help="auto: bf16 on CPU, fp16 on CUDA (bf16 if supported), fp32 elsewhere",
     )
-    p.add_argument(
-        "--channels-last", action=argparse.BooleanOptionalAction, default=True
-    )
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument(
         "--device",
@@ -134,18 +124,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=Path("runs/resnet56"),
         help="checkpoints, log, plots",
     )
-    p.add_argument(
-        "--resume", action="store_true", help="continue from --run-dir/checkpoint.pt"
-    )
+    p.add_argument("--resume", action="store_true", help="continue from --run-dir/checkpoint.pt")
     p.add_argument(
         "--cache-dir",
         type=Path,
         default=None,
         help="decoded-image cache (default ~/.cache/resnet-cifar10)",
     )
-    p.add_argument(
-        "--no-progress", action="store_true", help="no tqdm bars (logs only)"
-    )
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bars (logs only)")
     args = p.parse_args(argv)
     if args.lr is None:
         args.lr = 1e-3 if args.optimizer == "adam" else 0.1
@@ -200,13 +186,9 @@ def lr_multiplier(step: int, args: argparse.Namespace, steps_per_epoch: int) -> 
     if step < warmup:  # linear warm-up from 1/warmup to 1 (Goyal et al. 2017)
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
-    if (
-        args.schedule == "onecycle"
-    ):  # linear decay to zero (Smith & Topin 2018, linear form)
+    if args.schedule == "onecycle":  # linear decay to zero (Smith & Topin 2018, linear form)
         return max(0.0, 1.0 - progress)
-    return 0.5 * (
-        1.0 + math.cos(math.pi * min(1.0, progress))
-    )  # cosine (Loshchilov & Hutter)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))  # cosine (Loshchilov & Hutter)
 
 
 # --- Checkpoints ------------------------------------------------------------------------------
@@ -240,18 +222,14 @@ def plot_curves(log_path: Path, png_path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [
-        json.loads(line) for line in log_path.read_text().splitlines() if line.strip()
-    ]
+    rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
     epochs = [row["epoch"] for row in rows]
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4))
     loss_ax.plot(epochs, [row["train_loss"] for row in rows], label="train")
     if rows and rows[0].get("val_loss") is not None:
         loss_ax.plot(epochs, [row["val_loss"] for row in rows], label="validation")
     loss_ax.set(xlabel="epoch", ylabel="cross-entropy", title="Loss")
-    acc_ax.plot(
-        epochs, [row["train_accuracy"] for row in rows], label="train (augmented)"
-    )
+    acc_ax.plot(epochs, [row["train_accuracy"] for row in rows], label="train (augmented)")
     if rows and rows[0].get("val_accuracy") is not None:
         acc_ax.plot(epochs, [row["val_accuracy"] for row in rows], label="validation")
         if rows[0].get("ema_val_accuracy") is not None:
@@ -279,9 +257,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     amp_dtype = autocast_dtype(args.precision, device)
-    memory_format = (
-        torch.channels_last if args.channels_last else torch.contiguous_format
-    )
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     torch.manual_seed(args.seed)
     run_dir: Path = args.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -310,9 +286,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         device, memory_format=memory_format
     )
     ema = (
-        AveragedModel(
-            model, multi_avg_fn=get_ema_multi_avg_fn(args.ema_decay), use_buffers=True
-        )
+        AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema_decay), use_buffers=True)
         if args.ema_decay > 0
         else None
     )
@@ -393,9 +367,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             labels = train_labels[batch]
             with autocast():
                 logits = forward(images)
-                loss = F.cross_entropy(
-                    logits.float(), labels, label_smoothing=args.label_smoothing
-                )
+                loss = F.cross_entropy(logits.float(), labels, label_smoothing=args.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -406,9 +378,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             loss_sum += loss.detach() * len(batch)
             correct += (logits.argmax(1) == labels).sum()
             seen += len(batch)
-            if (
-                step % 20 == 0 or step == steps_per_epoch - 1
-            ):  # .item() syncs: not every step
+            if step % 20 == 0 or step == steps_per_epoch - 1:  # .item() syncs: not every step
                 rate = seen / (time.perf_counter() - epoch_start)
                 bar.set_postfix(
                     loss=f"{loss_sum.item() / seen:.3f}",
@@ -448,8 +418,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         with open(log_path, "a") as log:
             log.write(json.dumps(row) + "\n")
         summary = " ".join(
-            f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
-            for k, v in row.items()
+            f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
         )
         print(summary, flush=True)
 
@@ -462,9 +431,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         best_name = max(scores, key=lambda name: scores[name])
         if val_set is None or scores[best_name] > best["val_accuracy"]:
             best = {
-                "val_accuracy": float(scores[best_name])
-                if val_set is not None
-                else -1.0,
+                "val_accuracy": float(scores[best_name]) if val_set is not None else -1.0,
                 "epoch": epoch + 1,
                 "weights": best_name,
             }

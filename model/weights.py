@@ -61,7 +61,8 @@ def load_checked(
     weights_path = Path(weights_path)
     if not weights_path.is_file():
         raise WeightsError(
-            f"weights file {weights_path} not found: train with `python -m model.train` or set the weights path"
+            f"weights file {weights_path} not found: train with `python -m model.train` "
+            "or set the weights path"
         )
     card = read_card(weights_path)
     if verify_checksum:
@@ -69,7 +70,8 @@ def load_checked(
         if actual != card.get("sha256"):
             raise WeightsError(
                 f"weights file {weights_path} has SHA-256 {actual[:12]}… but its card says "
-                f"{str(card.get('sha256'))[:12]}…: the file is corrupt or not the one the card describes"
+                f"{str(card.get('sha256'))[:12]}…: the file is corrupt or not the one "
+                "the card describes"
             )
     arch = card.get("architecture", {})
     try:
@@ -93,11 +95,10 @@ def load_checked(
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:
         first = (
-            str(error).splitlines()[1].strip()
-            if len(str(error).splitlines()) > 1
-            else str(error)
+            str(error).splitlines()[1].strip() if len(str(error).splitlines()) > 1 else str(error)
         )
         raise WeightsError(
-            f"weights file {weights_path} does not fit ResNet{arch['depth']} v{arch['version']}: {first}"
+            f"weights file {weights_path} does not fit "
+            f"ResNet{arch['depth']} v{arch['version']}: {first}"
         ) from error
     return model.eval(), card

@@ -49,7 +49,9 @@ class Settings(BaseSettings):
         description="auto (CUDA when available, else CPU), cpu, cuda or cuda:N.",
     )
     precision: Precision = Field(
-        "auto", description="auto: fp16 on CUDA, fp32 on the CPU; or fp32, bf16, fp16."
+        "auto",
+        description="auto: fp16 on CUDA; on the CPU fp32 (torch, onnxruntime) or the CPU's "
+        "native bf16 (openvino on AMX CPUs); or force fp32, bf16, fp16.",
     )
     max_batch_size: int = Field(
         64, ge=1, le=1024, description="Most images in one forward pass; 1 turns batching off."

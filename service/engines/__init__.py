@@ -7,6 +7,7 @@ imported only when asked for, so their libraries stay optional.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import Any
 
 import torch
@@ -41,14 +42,29 @@ def engine_class(name: str) -> type[Engine]:
     return getattr(module, class_name)
 
 
+# On the CPU, fastest first, as measured by benchmarks/engines.py on the 2-core Sapphire
+# Rapids host (ResNet56, model only: OpenVINO in bf16 several times torch fp32 eager, ONNX
+# Runtime about 1.5-2x). Each needs its runtime plus onnx and onnxscript, to export the model.
+_CPU_ENGINES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("openvino", ("openvino", "onnx", "onnxscript")),
+    ("onnxruntime", ("onnxruntime", "onnx", "onnxscript")),
+)
+
+
 def resolve_engine_name(name: str, options: EngineOptions) -> str:
-    """Map "auto" to a concrete engine."""
+    """Map "auto" to a concrete engine: torch on an accelerator; on the CPU the fastest
+    engine that is installed and can run the requested precision, else torch."""
     if name != "auto":
         return name
-    # AUTO-SELECTION HOOK (engines helper): when the device resolves to the CPU, pick the
-    # fastest CPU engine that is installed (e.g. openvino, then onnxruntime) and fall back to
-    # torch. Until those engines land, "auto" means torch on every device.
-    del options
+    from service.engines.torch_engine import resolve_device
+
+    if resolve_device(options.device).type != "cpu":
+        return "torch"
+    for engine, packages in _CPU_ENGINES:
+        if engine == "onnxruntime" and options.precision not in ("auto", "fp32"):
+            continue  # ONNX Runtime's CPU provider runs fp32 only
+        if all(importlib.util.find_spec(package) is not None for package in packages):
+            return engine
     return "torch"
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from service.engines import (
     EngineUnavailableError,
     create_engine,
     engine_class,
+    resolve_engine_name,
 )
 from service.engines.torch_engine import TorchEngine
 
@@ -39,13 +41,6 @@ def test_torch_engine_on_cpu_gives_the_models_logits(weights_file: Path) -> None
     assert logits.dtype == torch.float32 and logits.device.type == "cpu"
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
     engine.warm_up([1, 2, 3])  # runs without error for each size
-
-
-def test_auto_is_torch_until_faster_engines_are_installed(weights_file: Path) -> None:
-    model, card = load_checked(weights_file)
-    engine = create_engine("auto", model, card, EngineOptions())
-    assert isinstance(engine, Engine)
-    assert engine.name in {"torch", "onnxruntime", "openvino"}
 
 
 def test_unknown_or_missing_engines_are_refused_with_a_reason() -> None:
@@ -104,3 +99,18 @@ def test_settings_from_environment_and_flags(monkeypatch: pytest.MonkeyPatch) ->
 def test_invalid_settings_are_rejected(bad: dict) -> None:
     with pytest.raises(ValidationError):
         Settings(**bad)
+
+
+def test_auto_picks_the_fastest_installed_cpu_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    installed = {"openvino", "onnxruntime", "onnx", "onnxscript"}
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name: object() if name in installed else None
+    )
+    cpu = EngineOptions(device="cpu")
+    assert resolve_engine_name("auto", cpu) == "openvino"
+    installed.discard("openvino")
+    assert resolve_engine_name("auto", cpu) == "onnxruntime"
+    assert resolve_engine_name("auto", EngineOptions(device="cpu", precision="bf16")) == "torch"
+    installed.discard("onnxruntime")
+    assert resolve_engine_name("auto", cpu) == "torch"
+    assert resolve_engine_name("onnxruntime", cpu) == "onnxruntime"  # an explicit name stays
