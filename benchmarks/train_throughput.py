@@ -16,7 +16,8 @@ project      the step model/train.py runs, with its default flags: the images st
              smoothing, the per-step learning-rate schedule and the EMA update.
 
 Two figures for each: end to end, data pipeline included (what an epoch costs, the
-headline), and the model step alone on one prepared batch. Each is timed `--rounds` times
+headline), and the step alone on one fixed batch (the project's includes its on-device
+augmentation, which is part of its step). Each is timed `--rounds` times
 after `--warmup` steps, alternating the loops, and the best round is kept (as timeit does:
 background load only ever slows a round down). The ratio is project / plain.
 
@@ -27,7 +28,6 @@ and random ones cost the same per step; random uint8 images are the default.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import sys
 import time
@@ -39,15 +39,13 @@ if __package__ in (None, ""):  # run as a script: make the project's packages im
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchvision import transforms
 
 from model import train
-from model.data import augment, load_dataset
-from model.preprocessing import CIFAR10_MEAN, CIFAR10_STD, normalize
+from model.data import load_dataset
+from model.preprocessing import CIFAR10_MEAN, CIFAR10_STD
 from model.resnet import resnet
 
 EPOCH_IMAGES = 45_000  # CIFAR-10's training set less the 5,000-image validation split
@@ -133,61 +131,31 @@ def project_steps(
     args: argparse.Namespace,
     device: torch.device,
 ) -> tuple[Step, Step, str]:
-    """(end-to-end step, model-only step, precision) as model/train.py's loop runs them.
-
-    The body of `step` mirrors the inner loop of `model.train.main`; the optimiser, schedule,
-    EMA and augmentation settings come from model.train's own defaults, so a change of
-    default there shows up here. (Keep the two in step until train.py exposes its step.)
-    """
+    """(end-to-end step, model-only step, precision): model.train's own `train_step`, with
+    the optimiser, schedule, EMA and augmentation built from model.train's defaults."""
     config = train.parse_args(["--data", "-", "--depth", str(args.depth)])
     amp_dtype = train.autocast_dtype(config.precision, device)
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     model = resnet(config.depth, config.version, 10, config.shortcut).to(
         device, memory_format=memory_format
     )
-    ema = AveragedModel(
-        model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True
-    )
-    optimizer = torch.optim.SGD(
-        train.parameter_groups(model, config.weight_decay, config.decay_bn_and_bias),
-        lr=config.lr,
-        momentum=config.momentum,
-        nesterov=config.nesterov,
-    )
     steps_per_epoch = math.ceil(EPOCH_IMAGES / args.batch_size)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: train.lr_multiplier(step, config, steps_per_epoch)
-    )
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    opt = train.build_optimization(model, config, steps_per_epoch, device, amp_dtype)
     train_images, train_labels = images.to(device), labels.to(device)
     shuffle_gen = torch.Generator().manual_seed(1)
     augment_gen = torch.Generator(device=device).manual_seed(2)
 
-    def autocast() -> contextlib.AbstractContextManager[None]:
-        if amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device.type, dtype=amp_dtype)
-
-    def step(batch: torch.Tensor, augmented: torch.Tensor | None = None) -> None:
-        if augmented is None:
-            augmented = augment(
-                train_images[batch],
-                augment_gen,
-                crop_padding=config.crop_padding,
-                flip=not config.no_flip,
-                cutout_size=config.cutout,
-            )
-        inputs = normalize(augmented).contiguous(memory_format=memory_format)
-        targets = train_labels[batch]
-        with autocast():
-            logits = model(inputs)
-            loss = F.cross_entropy(logits.float(), targets, label_smoothing=config.label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        ema.update_parameters(model)
+    def step(batch: torch.Tensor) -> None:
+        train.train_step(
+            model,
+            train_images[batch],
+            train_labels[batch],
+            opt,
+            config,
+            augment_gen,
+            amp_dtype,
+            memory_format,
+        )
 
     order = torch.randperm(len(train_images), generator=shuffle_gen).to(device)
     position = 0
@@ -201,10 +169,10 @@ def project_steps(
         position += args.batch_size
 
     fixed_batch = torch.arange(args.batch_size, device=device) % len(train_images)
-    fixed_images = train_images[fixed_batch]
 
     def model_only() -> None:
-        step(fixed_batch, fixed_images)
+        # The same batch every time (augmentation included: it is part of the step).
+        step(fixed_batch)
 
     precision = f"{str(amp_dtype or torch.float32).removeprefix('torch.')} autocast"
     return end_to_end, model_only, f"{precision}, {memory_format}".replace("torch.", "")
@@ -294,7 +262,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     header = f"{'':<34}{'images/s':>10}{f's/epoch ({EPOCH_IMAGES:,})':>20}"
     for title, plain, project in (
         ("end to end (data pipeline included)", "plain", "project"),
-        ("model step only (one prepared batch)", "plain_model", "project_model"),
+        ("step only (one fixed batch)", "plain_model", "project_model"),
     ):
         print(title)
         print(header)

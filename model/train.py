@@ -25,6 +25,8 @@ import platform
 import subprocess
 import sys
 import time
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -191,6 +193,87 @@ def lr_multiplier(step: int, args: argparse.Namespace, steps_per_epoch: int) -> 
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))  # cosine (Loshchilov & Hutter)
 
 
+# --- One training step ---------------------------------------------------------------------
+
+
+@dataclass
+class Optimization:
+    """Everything a training step updates besides the model itself."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    ema: AveragedModel | None
+
+
+def build_optimization(
+    model: nn.Module,
+    args: argparse.Namespace,
+    steps_per_epoch: int,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+) -> Optimization:
+    """Optimiser (decay on conv/linear weights only), per-step schedule, scaler, EMA."""
+    groups = parameter_groups(model, args.weight_decay, args.decay_bn_and_bias)
+    if args.optimizer == "sgd":
+        optimizer: torch.optim.Optimizer = torch.optim.SGD(
+            groups, lr=args.lr, momentum=args.momentum, nesterov=args.nesterov
+        )
+    else:
+        optimizer = torch.optim.Adam(groups, lr=args.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_multiplier(step, args, steps_per_epoch)
+    )
+    # fp16 needs loss scaling against underflow; bf16 has fp32's range and does not.
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    ema = None
+    if args.ema_decay > 0:  # buffers too: the EMA model carries its own BN statistics
+        ema_fn = get_ema_multi_avg_fn(args.ema_decay)
+        ema = AveragedModel(model, multi_avg_fn=ema_fn, use_buffers=True)
+    return Optimization(optimizer, scheduler, scaler, ema)
+
+
+def autocast(device: torch.device, amp_dtype: torch.dtype | None) -> AbstractContextManager[None]:
+    if amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=amp_dtype)
+
+
+def train_step(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    opt: Optimization,
+    args: argparse.Namespace,
+    augment_gen: torch.Generator,
+    amp_dtype: torch.dtype | None,
+    memory_format: torch.memory_format,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Augment a uint8 batch on its device, forward, backward, step; returns (loss, logits).
+
+    `model` may be the torch.compile wrapper: it shares the original's parameters.
+    """
+    images = augment(
+        images,
+        augment_gen,
+        crop_padding=args.crop_padding,
+        flip=not args.no_flip,
+        cutout_size=args.cutout,
+    )
+    images = normalize(images).contiguous(memory_format=memory_format)
+    with autocast(images.device, amp_dtype):
+        logits = model(images)
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=args.label_smoothing)
+    opt.optimizer.zero_grad(set_to_none=True)
+    opt.scaler.scale(loss).backward()
+    opt.scaler.step(opt.optimizer)
+    opt.scaler.update()
+    opt.scheduler.step()
+    if opt.ema is not None:
+        opt.ema.update_parameters(model)
+    return loss, logits
+
+
 # --- Checkpoints ------------------------------------------------------------------------------
 
 
@@ -285,24 +368,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model = resnet(args.depth, args.version, num_classes, args.shortcut).to(
         device, memory_format=memory_format
     )
-    ema = (
-        AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema_decay), use_buffers=True)
-        if args.ema_decay > 0
-        else None
-    )
-    groups = parameter_groups(model, args.weight_decay, args.decay_bn_and_bias)
-    if args.optimizer == "sgd":
-        optimizer: torch.optim.Optimizer = torch.optim.SGD(
-            groups, lr=args.lr, momentum=args.momentum, nesterov=args.nesterov
-        )
-    else:
-        optimizer = torch.optim.Adam(groups, lr=args.lr)
     steps_per_epoch = math.ceil(len(train_set) / args.batch_size)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_multiplier(step, args, steps_per_epoch)
-    )
-    # fp16 needs loss scaling against underflow; bf16 has fp32's range and does not.
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    opt = build_optimization(model, args, steps_per_epoch, device, amp_dtype)
+    optimizer, scheduler, scaler, ema = opt.optimizer, opt.scheduler, opt.scaler, opt.ema
     forward = torch.compile(model) if args.compile else model
     # Explicit generators make shuffling and augmentation reproducible and resumable.
     shuffle_gen = torch.Generator().manual_seed(args.seed + 1)
@@ -335,11 +403,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         kept = [line for line in rows if json.loads(line)["epoch"] <= start_epoch]
         log_path.write_text("".join(line + "\n" for line in kept))
 
-    def autocast() -> contextlib.AbstractContextManager[None]:
-        if amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device.type, dtype=amp_dtype)
-
     for epoch in range(start_epoch, args.epochs):
         epoch_start = time.perf_counter()
         model.train()
@@ -356,25 +419,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
         for step in bar:
             batch = order[step * args.batch_size : (step + 1) * args.batch_size]
-            images = augment(
-                train_images[batch],
-                augment_gen,
-                crop_padding=args.crop_padding,
-                flip=not args.no_flip,
-                cutout_size=args.cutout,
-            )
-            images = normalize(images).contiguous(memory_format=memory_format)
             labels = train_labels[batch]
-            with autocast():
-                logits = forward(images)
-                loss = F.cross_entropy(logits.float(), labels, label_smoothing=args.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            if ema is not None:
-                ema.update_parameters(model)
+            loss, logits = train_step(
+                forward,
+                train_images[batch],
+                labels,
+                opt,
+                args,
+                augment_gen,
+                amp_dtype,
+                memory_format,
+            )
             loss_sum += loss.detach() * len(batch)
             correct += (logits.argmax(1) == labels).sum()
             seen += len(batch)
