@@ -1,6 +1,9 @@
-"""Load benchmark: the service with dynamic batching against the same service without it.
+"""Load benchmark: the service with dynamic batching against the same service without it,
+or (`--compare engines`) the service on its fastest CPU engine against the torch engine.
 
     python -m benchmarks.load                       # trained weights, wrk if installed
+    python -m benchmarks.load --engine torch        # batching on/off, torch engine
+    python -m benchmarks.load --compare engines     # openvino vs torch, both batching
     python -m benchmarks.load --random-depth 56     # no trained weights yet: random ResNet56
     python -m benchmarks.load --duration 3 --concurrency 1 8 --client python   # a quick look
 
@@ -291,26 +294,35 @@ def measure_service(
     return results
 
 
-def report(batched: list[Measurement], unbatched: list[Measurement]) -> bool:
+def report(
+    names: tuple[str, str],
+    results: tuple[list[Measurement], list[Measurement]],
+    need_ratio: float,
+    need_p99: bool,
+) -> bool:
+    """Both configurations side by side, their ratios, and the verdict at the highest
+    concurrency: `names[0]` must give `need_ratio` x the throughput of `names[1]` (and, if
+    `need_p99`, a p99 no worse)."""
+    first, second = names
     print()
     print(
-        f"{'conc.':>5} | {'batched req/s':>13} {'p50 ms':>8} {'p99 ms':>8} | "
-        f"{'unbatched req/s':>15} {'p50 ms':>8} {'p99 ms':>8} | {'speed-up':>8} {'p99 ratio':>9}"
+        f"{'conc.':>5} | {first + ' req/s':>17} {'p50 ms':>8} {'p99 ms':>8} | "
+        f"{second + ' req/s':>17} {'p50 ms':>8} {'p99 ms':>8} | {'ratio':>7} {'p99 ratio':>9}"
     )
-    for b, u in zip(batched, unbatched, strict=True):
-        speed_up = b.requests_per_s / u.requests_per_s if u.requests_per_s else float("inf")
+    for a, b in zip(*results, strict=True):
+        ratio = a.requests_per_s / b.requests_per_s if b.requests_per_s else float("inf")
         print(
-            f"{b.concurrency:>5} | {b.requests_per_s:>13.1f} {b.p50_ms:>8.1f} {b.p99_ms:>8.1f} | "
-            f"{u.requests_per_s:>15.1f} {u.p50_ms:>8.1f} {u.p99_ms:>8.1f} | "
-            f"{speed_up:>7.2f}x {b.p99_ms / u.p99_ms:>9.2f}"
+            f"{a.concurrency:>5} | {a.requests_per_s:>17.1f} {a.p50_ms:>8.1f} {a.p99_ms:>8.1f} | "
+            f"{b.requests_per_s:>17.1f} {b.p50_ms:>8.1f} {b.p99_ms:>8.1f} | "
+            f"{ratio:>6.2f}x {a.p99_ms / b.p99_ms:>9.2f}"
         )
-    b, u = batched[-1], unbatched[-1]
-    speed_up = b.requests_per_s / u.requests_per_s if u.requests_per_s else float("inf")
-    passed = speed_up >= 3 and b.p99_ms <= u.p99_ms and b.errors == 0
+    a, b = results[0][-1], results[1][-1]
+    ratio = a.requests_per_s / b.requests_per_s if b.requests_per_s else float("inf")
+    passed = ratio >= need_ratio and a.errors == 0 and (not need_p99 or a.p99_ms <= b.p99_ms)
+    p99 = f" with p99 {a.p99_ms:.1f} ms vs {b.p99_ms:.1f} ms (need <=)" if need_p99 else ""
     print(
-        f"\nat concurrency {b.concurrency}: batching gives {speed_up:.2f}x the throughput "
-        f"(need >= 3) with p99 {b.p99_ms:.1f} ms vs {u.p99_ms:.1f} ms (need <=): "
-        f"{'PASS' if passed else 'FAIL'}"
+        f"\nat concurrency {a.concurrency}: {first} gives {ratio:.2f}x the throughput of "
+        f"{second} (need >= {need_ratio:g}){p99}: {'PASS' if passed else 'FAIL'}"
     )
     return passed
 
@@ -321,7 +333,21 @@ def main() -> int:
         "--weights", type=Path, default=PROJECT_ROOT / "weights/resnet56.safetensors"
     )
     parser.add_argument("--random-depth", type=int, help="serve a random ResNet of this depth")
-    parser.add_argument("--engine", default="auto", help="service --engine")
+    parser.add_argument(
+        "--compare",
+        choices=["batching", "engines"],
+        default="batching",
+        help="batching: --engine with batching on and off (need 3x, p99 no worse); "
+        "engines: the two --engines, both batching (need 2x)",
+    )
+    parser.add_argument("--engine", default="auto", help="service --engine (batching mode)")
+    parser.add_argument(
+        "--engines",
+        nargs=2,
+        default=["openvino", "torch"],
+        metavar=("FASTEST", "BASELINE"),
+        help="engines mode: the engine to check and its baseline",
+    )
     parser.add_argument("--device", default="auto", help="service --device")
     parser.add_argument("--threads", type=int, default=0, help="service --threads")
     parser.add_argument("--max-batch-size", type=int, default=64)
@@ -343,24 +369,37 @@ def main() -> int:
         bodies = multipart_bodies(64, args.image_size)
         for i, body in enumerate(bodies, start=1):
             (workdir / f"{i}.body").write_bytes(body)
-        common = ["--engine", args.engine, "--device", args.device, "--threads", str(args.threads)]
-        batched_flags = [
+        batching = [
             *("--max-batch-size", str(args.max_batch_size)),
             *("--max-wait-ms", str(args.max_wait_ms)),
         ]
+        common = ["--device", args.device, "--threads", str(args.threads)]
+        if args.compare == "batching":  # issue 3: the same engine, batching on and off
+            configs = {
+                "batched": [*common, "--engine", args.engine, *batching],
+                "unbatched": [*common, "--engine", args.engine, "--max-batch-size", "1"],
+            }
+            need_ratio, need_p99 = 3.0, True
+        else:  # issue 6: the fastest engine against torch, both batching
+            fastest, baseline = args.engines
+            configs = {
+                fastest: [*common, "--engine", fastest, *batching],
+                baseline: [*common, "--engine", baseline, *batching],
+            }
+            need_ratio, need_p99 = 2.0, False
         print(f"weights {weights}, client {args.client}, {os.cpu_count()} CPUs", flush=True)
-        batched = measure_service("batched", weights, common + batched_flags, args, bodies, workdir)
-        unbatched = measure_service(
-            "unbatched", weights, [*common, "--max-batch-size", "1"], args, bodies, workdir
-        )
-    passed = report(batched, unbatched)
+        results = {
+            name: measure_service(name, weights, flags, args, bodies, workdir)
+            for name, flags in configs.items()
+        }
+    names = tuple(configs)
+    passed = report(names, (results[names[0]], results[names[1]]), need_ratio, need_p99)
     if args.json:
         args.json.write_text(
             json.dumps(
                 {
                     "settings": {k: str(v) for k, v in vars(args).items()},
-                    "batched": [asdict(m) for m in batched],
-                    "unbatched": [asdict(m) for m in unbatched],
+                    **{name: [asdict(m) for m in result] for name, result in results.items()},
                     "passed": passed,
                 },
                 indent=2,
