@@ -75,7 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--depth", type=int, default=56)
     p.add_argument("--version", type=int, default=1, choices=(1, 2))
     p.add_argument("--shortcut", default="projection", choices=("projection", "padding"))
-    p.add_argument("--epochs", type=int, default=50)
+    p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--optimizer", default="sgd", choices=("sgd", "adam"))
     p.add_argument(
@@ -510,7 +510,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
 
     # The end: final fp32 figures for the kept weights, the card, the plots.
-    plot_curves(log_path, run_dir / "training_curves.png")
+    # Beside the weights, so the plot ships with them (the README shows it).
+    plot_curves(log_path, args.output.with_name(f"{args.output.stem}_training.png"))
     from safetensors.torch import load_file
 
     kept = resnet(args.depth, args.version, num_classes, args.shortcut)

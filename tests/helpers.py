@@ -25,7 +25,12 @@ def write_test_weights(path: Path, depth: int = 8, version: int = 1, seed: int =
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
     card = {
         "name": f"resnet{depth}",
-        "architecture": {"depth": depth, "version": version, "shortcut": "projection", "num_classes": 10},
+        "architecture": {
+            "depth": depth,
+            "version": version,
+            "shortcut": "projection",
+            "num_classes": 10,
+        },
         "parameters": count_parameters(model),
         "classes": list(CIFAR10_CLASSES),
         "validation": None,

@@ -95,7 +95,7 @@ def test_tiny_run_learns_and_writes_a_matching_card(colour_tree: Path, tmp_path:
         json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     ]
     assert [row["epoch"] for row in rows] == [1, 2, 3]
-    assert (tmp_path / "run" / "training_curves.png").stat().st_size > 0
+    assert (tmp_path / "weights" / "tiny_training.png").stat().st_size > 0
 
     # `model.evaluate --val-size N --seed S` re-measures exactly the card's validation figure.
     result = evaluate.main(
