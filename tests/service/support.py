@@ -52,8 +52,16 @@ def reference_probabilities(weights: Path, images: Iterable[Image.Image]) -> lis
 
 
 def settings_for(weights: Path, **overrides: Any) -> Settings:
-    """Small, fast settings for in-process apps (few batch sizes to warm up)."""
-    values: dict[str, Any] = {"weights_path": weights, "max_batch_size": 8, "max_wait_ms": 20}
+    """Small, fast settings for in-process apps (few batch sizes to warm up).
+
+    The torch engine in fp32, so answers can be compared with the plain model's exactly;
+    the other engines' parity is tested in test_engines.py."""
+    values: dict[str, Any] = {
+        "weights_path": weights,
+        "engine": "torch",
+        "max_batch_size": 8,
+        "max_wait_ms": 20,
+    }
     values.update(overrides)
     return Settings(**values)
 

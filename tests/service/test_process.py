@@ -34,7 +34,8 @@ def _service(weights: Path, port: int, *flags: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [
             *(sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port)),
-            *("--weights-path", str(weights), *flags),
+            # torch: no engine export into the user's cache from a test
+            *("--weights-path", str(weights), "--engine", "torch", *flags),
         ],
         cwd=PROJECT_ROOT,
         stdout=subprocess.PIPE,
