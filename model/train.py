@@ -56,6 +56,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="cifar-10-batches-py folder, class-folder tree, or .tar/.tar.gz",
     )
     p.add_argument(
+        "--data-description",
+        default="",
+        help="what the data is and where it comes from, for the model card",
+    )
+    p.add_argument(
         "--download",
         action="store_true",
         help="fetch torchvision's CIFAR-10 into --data first",
@@ -613,6 +618,7 @@ def build_card(
         },
         "recipe": recipe,
         "data": {
+            "description": args.data_description,
             "source": dataset.source,
             "sha256": dataset.checksum,
             "images": len(dataset),
