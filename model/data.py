@@ -126,13 +126,16 @@ def _stack(
     return images, labels, classes
 
 
+def _image_files(root: Path) -> list[Path]:
+    """Every image below `root`, in a stable order (the checksum depends on it)."""
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
 def _load_folder(
-    root: Path,
-) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...], list[Path]]:
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    root: Path, files: list[Path]
+) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
     samples = [(file.parent.name, _decode(file.read_bytes(), str(file))) for file in files]
-    images, labels, classes = _stack(samples, str(root))
-    return images, labels, classes, files
+    return _stack(samples, str(root))
 
 
 def _load_archive(path: Path) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
@@ -200,9 +203,7 @@ def load_dataset(
         )
         checksum = _sha256_tree(cifar_dir, [cifar_dir / name for name in names])
     elif path.is_dir():
-        folder_files = sorted(
-            p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-        )
+        folder_files = _image_files(path)
         checksum = _sha256_tree(path, folder_files)
     elif path.name.lower().endswith(ARCHIVE_SUFFIXES):
         checksum = _sha256_file(path).hexdigest()
@@ -224,7 +225,7 @@ def load_dataset(
     if cifar_dir is not None:
         images, labels, classes = _load_cifar_batches(cifar_dir, cifar_split)
     elif path.is_dir():
-        images, labels, classes, _ = _load_folder(path)
+        images, labels, classes = _load_folder(path, folder_files)
     else:
         images, labels, classes = _load_archive(path)
 
