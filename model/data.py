@@ -32,6 +32,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from model.preprocessing import CIFAR10_CLASSES, image_to_tensor
+from model.weights import sha256_of
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
@@ -77,19 +78,11 @@ def _cifar_batches_dir(path: Path) -> Path | None:
     return None
 
 
-def _sha256_file(path: Path, digest: hashlib._Hash | None = None) -> hashlib._Hash:
-    digest = digest or hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest
-
-
 def _sha256_tree(root: Path, files: list[Path]) -> str:
     digest = hashlib.sha256()
     for file in files:
         digest.update(str(file.relative_to(root)).encode() + b"\0")
-        _sha256_file(file, digest)
+        digest.update(file.read_bytes())  # images are small
     return digest.hexdigest()
 
 
@@ -206,7 +199,7 @@ def load_dataset(
         folder_files = _image_files(path)
         checksum = _sha256_tree(path, folder_files)
     elif path.name.lower().endswith(ARCHIVE_SUFFIXES):
-        checksum = _sha256_file(path).hexdigest()
+        checksum = sha256_of(path)
     else:
         raise ValueError(
             f"unsupported data source {str(path)!r}: "
