@@ -12,8 +12,10 @@ plain loop   how CIFAR ResNets are usually trained in PyTorch (the PyTorch CIFAR
              0.9, weight decay 5e-4) and nn.CrossEntropyLoss.
 project      the step model/train.py runs, with its default flags: the images stay a
              uint8 tensor, augmented a whole batch at a time on the device; bf16 autocast
-             on the CPU (fp16 on CUDA), channels_last, SGD with Nesterov momentum, label
-             smoothing, the per-step learning-rate schedule and the EMA update.
+             on the CPU (fp16 on CUDA), channels_last, torch.compile, SGD with Nesterov
+             momentum, label smoothing, the per-step learning-rate schedule and the EMA
+             update. Compiling happens once per training run; it is timed and printed
+             apart, before any timing round.
 
 Two figures for each: end to end, data pipeline included (what an epoch costs, the
 headline), and the step alone on one fixed batch (the project's includes its on-device
@@ -133,7 +135,10 @@ def project_steps(
 ) -> tuple[Step, Step, str]:
     """(end-to-end step, model-only step, precision): model.train's own `train_step`, with
     the optimiser, schedule, EMA and augmentation built from model.train's defaults."""
-    config = train.parse_args(["--data", "-", "--depth", str(args.depth)])
+    flags = ["--data", "-", "--depth", str(args.depth)] + (
+        ["--no-compile"] if args.no_compile else []
+    )
+    config = train.parse_args(flags)
     amp_dtype = train.autocast_dtype(config.precision, device)
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     model = resnet(config.depth, config.version, 10, config.shortcut).to(
@@ -141,13 +146,14 @@ def project_steps(
     )
     steps_per_epoch = math.ceil(EPOCH_IMAGES / args.batch_size)
     opt = train.build_optimization(model, config, steps_per_epoch, device, amp_dtype)
+    forward = train.compile_for_training(model, device) if config.compile else model
     train_images, train_labels = images.to(device), labels.to(device)
     shuffle_gen = torch.Generator().manual_seed(1)
     augment_gen = torch.Generator(device=device).manual_seed(2)
 
     def step(batch: torch.Tensor) -> None:
         train.train_step(
-            model,
+            forward,
             train_images[batch],
             train_labels[batch],
             opt,
@@ -175,7 +181,9 @@ def project_steps(
         step(fixed_batch)
 
     precision = f"{str(amp_dtype or torch.float32).removeprefix('torch.')} autocast"
-    return end_to_end, model_only, f"{precision}, {memory_format}".replace("torch.", "")
+    layout = str(memory_format).removeprefix("torch.")
+    compiled = "torch.compile" if config.compile else "eager"
+    return end_to_end, model_only, f"{precision}, {layout}, {compiled}"
 
 
 # --- Timing --------------------------------------------------------------------------------
@@ -221,6 +229,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cache-dir", type=Path, default=None, help="decoded-image cache")
     p.add_argument("--random-images", type=int, default=4096, help="without --data")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--no-compile", action="store_true", help="the project's step without compiling")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument(
         "--min-ratio",
@@ -241,6 +250,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     plain_end_to_end, plain_model = plain_steps(images, labels, args, device)
     project_end_to_end, project_model, precision = project_steps(images, labels, args, device)
 
+    # The first project step compiles the model (once per training run): time it apart.
+    start = time.perf_counter()
+    project_end_to_end()
+    first_step_seconds = time.perf_counter() - start
+
     best = {"plain": 0.0, "project": 0.0, "plain_model": 0.0, "project_model": 0.0}
     steps = {
         "plain": plain_end_to_end,
@@ -257,7 +271,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         f"ResNet{args.depth}, batch {args.batch_size}, {device.type} ({threads}), data: {source}\n"
         f"{args.rounds} round(s) of {args.warmup} warm-up + {args.steps} timed steps; best kept\n"
         f"plain: fp32 eager, contiguous, per-image PIL transforms in {args.workers} workers\n"
-        f"project: model/train.py's step ({precision}, batched augmentation)\n"
+        f"project: model/train.py's step ({precision}, batched augmentation); "
+        f"its first step{' (compiling the model)' if 'compile' in precision else ''} took "
+        f"{first_step_seconds:.1f} s\n"
     )
     header = f"{'':<34}{'images/s':>10}{f's/epoch ({EPOCH_IMAGES:,})':>20}"
     for title, plain, project in (

@@ -56,6 +56,7 @@ def tiny_run(data: Path, out: Path, *extra: str) -> list[str]:
         "--run-dir", str(out / "run"),
         "--output", str(out / "weights" / "tiny.safetensors"),
         "--no-progress",
+        "--no-compile",  # compiling takes longer than these runs; one test below compiles
         *extra,
     ]  # fmt: skip
 
@@ -106,6 +107,22 @@ def test_tiny_run_learns_and_writes_a_matching_card(colour_tree: Path, tmp_path:
     assert result["images"] == 40
     assert result["accuracy"] == card["validation"]["accuracy"]
     assert list(result["per_class"].values()) == card["validation"]["per_class"]
+
+
+def test_compiled_training_learns(colour_tree: Path, tmp_path: Path) -> None:
+    """torch.compile is the default: the compiled step (Inductor's kernels, and a second
+    static graph for the epoch's shorter last batch) must learn what eager learns."""
+    args = tiny_run(colour_tree, tmp_path, "--epochs", "3", "--limit", "150", "--compile")
+    card = train.main(args)
+    assert card["validation"]["accuracy"] >= 0.9
+
+
+def test_compile_without_a_cpp_compiler_names_the_fix(
+    colour_tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CXX", "no-such-c++-compiler")
+    with pytest.raises(SystemExit, match=r"no-such-c\+\+-compiler.*--no-compile"):
+        train.main(tiny_run(colour_tree, tmp_path, "--epochs", "1", "--compile"))
 
 
 def test_run_without_validation_keeps_the_last_epoch(colour_tree: Path, tmp_path: Path) -> None:
