@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         f"{args.rounds} round(s) of {args.warmup} warm-up + {args.steps} timed steps; best kept\n"
         f"plain: fp32 eager, contiguous, per-image PIL transforms in {args.workers} workers\n"
         f"project: model/train.py's step ({precision}, batched augmentation); "
-        f"its first step{' (compiling the model)' if 'compile' in precision else ''} took "
+        f"its first step{'' if args.no_compile else ' (compiling the model)'} took "
         f"{first_step_seconds:.1f} s\n"
     )
     header = f"{'':<34}{'images/s':>10}{f's/epoch ({EPOCH_IMAGES:,})':>20}"
