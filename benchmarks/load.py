@@ -4,6 +4,8 @@ or (`--compare engines`) the service on its fastest CPU engine against the torch
     python -m benchmarks.load                       # trained weights, wrk if installed
     python -m benchmarks.load --engine torch        # batching on/off, torch engine
     python -m benchmarks.load --compare engines     # openvino vs torch, both batching
+    python -m benchmarks.load --compare mirror-tta  # what averaging with the mirror costs
+    python -m benchmarks.load --no-mirror-tta       # any comparison, services without it
     python -m benchmarks.load --random-depth 56     # no trained weights yet: random ResNet56
     python -m benchmarks.load --duration 3 --concurrency 1 8 --client python   # a quick look
 
@@ -297,12 +299,12 @@ def measure_service(
 def report(
     names: tuple[str, str],
     results: tuple[list[Measurement], list[Measurement]],
-    need_ratio: float,
+    need_ratio: float | None,
     need_p99: bool,
 ) -> bool:
     """Both configurations side by side, their ratios, and the verdict at the highest
     concurrency: `names[0]` must give `need_ratio` x the throughput of `names[1]` (and, if
-    `need_p99`, a p99 no worse)."""
+    `need_p99`, a p99 no worse). With `need_ratio` None there is no verdict (always True)."""
     first, second = names
     print()
     print(
@@ -318,6 +320,12 @@ def report(
         )
     a, b = results[0][-1], results[1][-1]
     ratio = a.requests_per_s / b.requests_per_s if b.requests_per_s else float("inf")
+    if need_ratio is None:
+        print(
+            f"\nat concurrency {a.concurrency}: {first} gives {ratio:.2f}x the throughput "
+            f"of {second}"
+        )
+        return True
     passed = ratio >= need_ratio and a.errors == 0 and (not need_p99 or a.p99_ms <= b.p99_ms)
     p99 = f" with p99 {a.p99_ms:.1f} ms vs {b.p99_ms:.1f} ms (need <=)" if need_p99 else ""
     print(
@@ -335,10 +343,16 @@ def main() -> int:
     parser.add_argument("--random-depth", type=int, help="serve a random ResNet of this depth")
     parser.add_argument(
         "--compare",
-        choices=["batching", "engines"],
+        choices=["batching", "engines", "mirror-tta"],
         default="batching",
         help="batching: --engine with batching on and off (need 3x, p99 no worse); "
-        "engines: the two --engines, both batching (need 2x)",
+        "engines: the two --engines, both batching (need 2x); mirror-tta: --engine "
+        "batching, with and without the mirror-image averaging (no criterion: its cost)",
+    )
+    parser.add_argument(
+        "--no-mirror-tta",
+        action="store_true",
+        help="run the services with --no-mirror-tta (one forward pass per image)",
     )
     parser.add_argument("--engine", default="auto", help="service --engine (batching mode)")
     parser.add_argument(
@@ -374,12 +388,20 @@ def main() -> int:
             *("--max-wait-ms", str(args.max_wait_ms)),
         ]
         common = ["--device", args.device, "--threads", str(args.threads)]
+        if args.no_mirror_tta:
+            common.append("--no-mirror-tta")
         if args.compare == "batching":  # issue 3: the same engine, batching on and off
             configs = {
                 "batched": [*common, "--engine", args.engine, *batching],
                 "unbatched": [*common, "--engine", args.engine, "--max-batch-size", "1"],
             }
             need_ratio, need_p99 = 3.0, True
+        elif args.compare == "mirror-tta":  # the price of the default's second pass
+            configs = {
+                "no-mirror": [*common, "--engine", args.engine, *batching, "--no-mirror-tta"],
+                "mirror": [*common, "--engine", args.engine, *batching],
+            }
+            need_ratio, need_p99 = None, False
         else:  # issue 6: the fastest engine against torch, both batching
             fastest, baseline = args.engines
             configs = {

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.preprocessing import normalize
+from model.preprocessing import mirror_averaged_logits, normalize
 
 
 @torch.inference_mode()
@@ -48,9 +48,7 @@ def evaluate_model(
             batch = normalize(images[start : start + batch_size].to(device))
             batch = batch.contiguous(memory_format=memory_format)
             target = labels[start : start + batch_size].to(device)
-            logits = model(batch).float()
-            if tta:
-                logits = (logits + model(batch.flip(3)).float()) / 2
+            logits = mirror_averaged_logits(model, batch) if tta else model(batch).float()
             loss_sum += F.cross_entropy(logits, target, reduction="sum").item()
             predicted = logits.argmax(1)
             confusion += torch.bincount(

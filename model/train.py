@@ -552,6 +552,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     evaluation = None
     if val_set is not None:
         evaluation = evaluate_model(kept, val_set.images, val_set.labels, device)
+        # The service averages each image with its mirror image by default (--tta in
+        # model.evaluate), so the card gives that figure too.
+        evaluation["mirror_tta"] = evaluate_model(
+            kept, val_set.images, val_set.labels, device, tta=True
+        )
     card = build_card(
         args,
         dataset,
@@ -665,6 +670,10 @@ def build_card(
             "accuracy": evaluation["accuracy"],
             "per_class": evaluation["per_class"],
             "precision": "fp32",
+            "mirror_tta": {
+                "accuracy": evaluation["mirror_tta"]["accuracy"],
+                "per_class": evaluation["mirror_tta"]["per_class"],
+            },
         },
         "training_time_seconds": round(elapsed, 1),
         "device": f"{device.type}: "

@@ -3,7 +3,8 @@
     submit() -> queue -> collect until max_batch_size, or max_wait after the first image,
                         or sooner when no admitted image is still on its way
              -> drop images whose client left or whose deadline passed
-             -> stack -> engine.run -> softmax -> split -> answer each image's future
+             -> stack -> engine.run (twice with mirror_tta: the batch and its mirror
+                images, logits averaged) -> softmax -> split -> answer each image's future
 
 The collecting runs on the event loop; everything that touches the model (building the
 engine, warm-up, every forward pass) runs on ONE long-lived thread. Measured on a 2-core
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from model.preprocessing import mirror_averaged_logits
 from service.engines.base import Engine
 from service.metrics import Metrics
 
@@ -79,9 +81,11 @@ class Batcher:
         queue_size: int,
         metrics: Metrics,
         more_coming: Callable[[], bool] = lambda: True,
+        mirror_tta: bool = False,
     ) -> None:
         self._engine_factory = engine_factory
         self._more_coming = more_coming
+        self.mirror_tta = mirror_tta
         self.max_batch_size = max_batch_size
         self._max_wait_s = max_wait_ms / 1000
         self._queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=queue_size)
@@ -203,10 +207,12 @@ class Batcher:
         return batch
 
     def _infer(self, images: list[torch.Tensor]) -> tuple[list[list[float]], float]:
-        """On the inference thread: stack, run, softmax, back to Python lists."""
+        """On the inference thread: stack, run (with the mirror images too, if asked),
+        softmax, back to Python lists."""
         started = time.perf_counter()
-        engine = self.engine
-        logits = engine.run(torch.stack(images))
+        batch = torch.stack(images)
+        run = self.engine.run
+        logits = mirror_averaged_logits(run, batch) if self.mirror_tta else run(batch)
         if logits.shape[0] != len(images):
             raise RuntimeError(f"engine returned {logits.shape[0]} rows for {len(images)} images")
         probabilities = torch.softmax(logits.float(), dim=1).tolist()

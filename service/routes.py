@@ -97,6 +97,7 @@ async def health(service: ServiceDep) -> JSONResponse:
         model_version=service.model_version,
         engine=service.batcher.engine.name,
         device=service.batcher.engine.device,
+        mirror_tta=service.batcher.mirror_tta,
         max_batch_size=service.settings.max_batch_size,
         max_wait_ms=service.settings.max_wait_ms,
         queue_size=service.settings.queue_size,

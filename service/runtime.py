@@ -82,6 +82,7 @@ class Service:
             queue_size=settings.queue_size,
             metrics=metrics,
             more_coming=lambda: self._incoming > 0,
+            mirror_tta=settings.mirror_tta,
         )
         # Decoding gets its own small pool: off the event loop, and too few threads to
         # starve the inference thread of cores.

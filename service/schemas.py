@@ -49,6 +49,7 @@ class Health(BaseModel):
     model_version: str
     engine: str
     device: str
+    mirror_tta: bool = Field(description="Each image is averaged with its mirror image.")
     max_batch_size: int
     max_wait_ms: float
     queue_size: int

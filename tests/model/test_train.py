@@ -107,6 +107,14 @@ def test_tiny_run_learns_and_writes_a_matching_card(colour_tree: Path, tmp_path:
     assert result["images"] == 40
     assert result["accuracy"] == card["validation"]["accuracy"]
     assert list(result["per_class"].values()) == card["validation"]["per_class"]
+    # ... and `--tta` the mirror-averaged figure the service serves by default.
+    mirrored = evaluate.main(
+        ["--weights", str(weights), "--data", str(colour_tree), "--val-size", "40",
+         "--seed", "0", "--json", "--tta", "--cache-dir", str(tmp_path / "cache"),
+         "--plot", str(tmp_path / "confusion.png")]
+    )  # fmt: skip
+    assert mirrored["accuracy"] == card["validation"]["mirror_tta"]["accuracy"]
+    assert list(mirrored["per_class"].values()) == card["validation"]["mirror_tta"]["per_class"]
 
 
 def test_compiled_training_learns(colour_tree: Path, tmp_path: Path) -> None:

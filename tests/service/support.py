@@ -40,13 +40,20 @@ def png(seed: int = 0, width: int = 40, height: int = 36) -> bytes:
     return image_bytes(noise_image(width, height, seed), "PNG")
 
 
-def reference_probabilities(weights: Path, images: Iterable[Image.Image]) -> list[list[float]]:
-    """What the model gives for each image alone: batch size 1, no service involved."""
+def reference_probabilities(
+    weights: Path, images: Iterable[Image.Image], mirror_tta: bool = True
+) -> list[list[float]]:
+    """What the model gives for each image alone: batch size 1, no service involved.
+    With `mirror_tta` (the service's default) the logits are averaged with those of the
+    image mirrored left-right, written out here rather than through the service's helper."""
     model, _ = load_checked(weights)
     rows = []
     with torch.inference_mode():
         for image in images:
-            logits = model(normalize(image_to_tensor(image).unsqueeze(0)))
+            pixels = normalize(image_to_tensor(image).unsqueeze(0))
+            logits = model(pixels)
+            if mirror_tta:
+                logits = (logits + model(pixels.flip(-1))) / 2
             rows.append(torch.softmax(logits.float(), dim=1)[0].tolist())
     return rows
 
@@ -78,7 +85,7 @@ class GatedEngine(Engine):
         self.gate.set()
         self.started = threading.Event()  # set when a batch has entered run()
         self.fail = False
-        self.batches: list[int] = []
+        self.batches: list[int] = []  # the size of each run() (two per batch with mirror_tta)
         self.warmed: list[int] = []
 
     @property

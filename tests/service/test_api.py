@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 from fastapi.testclient import TestClient
+from PIL import Image
 
 from model.preprocessing import CIFAR10_CLASSES
 from model.weights import sha256_of
@@ -59,6 +60,43 @@ def test_predict_batch_answers_in_upload_order(client: TestClient, weights_file:
     expected = reference_probabilities(weights_file, images)
     for prediction, row in zip(predictions, expected, strict=True):
         np.testing.assert_allclose(list(prediction["probabilities"].values()), row, rtol=1e-4)
+
+
+def test_an_image_and_its_mirror_image_get_the_same_answer(
+    client: TestClient, weights_file: Path
+) -> None:
+    """mirror_tta is on by default: each image is averaged with its mirror image."""
+    image = noise_image(32, 32, seed=5)
+    mirror = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    answers = [
+        client.post("/predict", files={"file": ("a.png", image_bytes(im, "PNG"))}).json()
+        for im in (image, mirror)
+    ]
+    np.testing.assert_allclose(
+        list(answers[0]["probabilities"].values()),
+        list(answers[1]["probabilities"].values()),
+        rtol=1e-5,
+    )
+    # The model alone tells the two apart, so the check above can fail.
+    plain = reference_probabilities(weights_file, [image, mirror], mirror_tta=False)
+    assert not np.allclose(plain[0], plain[1], rtol=1e-3)
+    assert client.get("/health").json()["mirror_tta"] is True
+
+
+def test_without_mirror_tta_the_plain_model_answers(weights_file: Path) -> None:
+    image = noise_image(40, 36, seed=6)
+
+    async def scenario() -> None:
+        async with running(create_app(settings_for(weights_file, mirror_tta=False))) as client:
+            assert (await client.get("/health")).json()["mirror_tta"] is False
+            files = {"file": ("a.png", image_bytes(image, "PNG"))}
+            body = (await client.post("/predict", files=files)).json()
+        [plain] = reference_probabilities(weights_file, [image], mirror_tta=False)
+        [mirrored] = reference_probabilities(weights_file, [image])
+        np.testing.assert_allclose(list(body["probabilities"].values()), plain, rtol=1e-4)
+        assert not np.allclose(plain, mirrored, rtol=1e-3)
+
+    asyncio.run(scenario())
 
 
 def test_batch_without_files(client: TestClient) -> None:

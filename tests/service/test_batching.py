@@ -116,7 +116,9 @@ def test_request_past_its_deadline_gets_504_and_never_enters_a_batch(weights_fil
             assert metric(metrics, "inference_dropped_images_total", reason="cancelled") == 1
 
     asyncio.run(scenario())
-    assert engine().batches == [1, 1]  # the first and the later image; not the timed-out
+    # The first and the later image, each run twice (itself, then its mirror: mirror_tta);
+    # never the timed-out one.
+    assert engine().batches == [1, 1, 1, 1]
 
 
 def test_failed_batch_answers_500_and_the_worker_goes_on(weights_file: Path) -> None:
@@ -193,7 +195,8 @@ def test_client_that_leaves_is_dropped_before_its_batch(weights_file: Path) -> N
 
     sent = asyncio.run(scenario())
     assert sent[0]["status"] == 499
-    assert engine().batches == [1, 1]  # the busy and the later request; not the departed
+    # The busy and the later request, each with its mirror run (mirror_tta); not the departed.
+    assert engine().batches == [1, 1, 1, 1]
 
 
 def test_engine_built_and_run_on_one_inference_thread(weights_file: Path) -> None:
