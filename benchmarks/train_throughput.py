@@ -145,7 +145,8 @@ def project_steps(
         device, memory_format=memory_format
     )
     steps_per_epoch = math.ceil(EPOCH_IMAGES / args.batch_size)
-    opt = train.build_optimization(model, config, steps_per_epoch, device, amp_dtype)
+    # The schedule only sets the lr; its length does not change the cost of a step.
+    opt = train.build_optimization(model, config, steps_per_epoch, 100, device, amp_dtype)
     forward = train.compile_for_training(model, device) if config.compile else model
     train_images, train_labels = images.to(device), labels.to(device)
     shuffle_gen = torch.Generator().manual_seed(1)

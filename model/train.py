@@ -23,12 +23,14 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
+import statistics
 import subprocess
 import sys
 import time
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +45,14 @@ from model.data import Dataset, augment, load_dataset, stratified_split
 from model.evaluate import evaluate_model
 from model.preprocessing import CIFAR10_MEAN, CIFAR10_STD, normalize
 from model.resnet import count_parameters, resnet
-from model.weights import sha256_of, write_card
+from model.weights import WeightsError, load_checked, sha256_of, write_card
 
 # --- Configuration -----------------------------------------------------------------------
+
+CUDA_DEFAULT_EPOCHS = 200  # the published recipes' length (He et al.: 164; Keras: 200)
+CPU_DEFAULT_BUDGET = "2h30m"  # what one working period of a 2-core machine affords
+DATA_ENV = "CIFAR10_DATA"
+DEFAULT_DATA_DIR = Path("data/cifar10")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -54,8 +61,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--data",
-        required=True,
-        help="cifar-10-batches-py folder, class-folder tree, or .tar/.tar.gz",
+        default=None,
+        help="cifar-10-batches-py folder, class-folder tree, or .tar/.tar.gz "
+        f"(default: ${DATA_ENV}, else {DEFAULT_DATA_DIR}/, fetched there with torchvision "
+        "where there is internet)",
     )
     p.add_argument(
         "--data-description",
@@ -82,7 +91,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--depth", type=int, default=56)
     p.add_argument("--version", type=int, default=1, choices=(1, 2))
     p.add_argument("--shortcut", default="projection", choices=("projection", "padding"))
-    p.add_argument("--epochs", type=int, default=40)
+    length = p.add_mutually_exclusive_group()
+    length.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help=f"epochs in the schedule (default: {CUDA_DEFAULT_EPOCHS} on CUDA; "
+        f"on other devices a time budget of {CPU_DEFAULT_BUDGET})",
+    )
+    length.add_argument(
+        "--time-budget",
+        type=parse_duration,
+        default=None,
+        metavar="DURATION",
+        help="wall time for the whole run, e.g. 2h15m, 90m, 600s: the epoch count is fitted to "
+        "it from measured epoch times, so that lr reaches 0 and the weights are written in time",
+    )
+    p.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        metavar="WEIGHTS",
+        help="start from these weights (checked against their card) with a fresh optimiser "
+        "and schedule, instead of random initialisation; the card records the lineage",
+    )
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--optimizer", default="sgd", choices=("sgd", "adam"))
     p.add_argument(
@@ -131,12 +163,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="CPU threads for torch (0: torch's default)",
     )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output", type=Path, default=Path("weights/resnet56.safetensors"))
     p.add_argument(
         "--run-dir",
         type=Path,
         default=Path("runs/resnet56"),
         help="checkpoints, log, plots",
+    )
+    p.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help="weights file, with its card and curves beside it (default: in --run-dir; "
+        "nothing is written into weights/ unless this names it)",
     )
     p.add_argument("--resume", action="store_true", help="continue from --run-dir/checkpoint.pt")
     p.add_argument(
@@ -149,7 +187,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.lr is None:
         args.lr = 1e-3 if args.optimizer == "adam" else 0.1
+    if args.output is None:
+        args.output = args.run_dir / f"resnet{args.depth}.safetensors"
+    if args.time_budget is not None and args.schedule == "step":
+        p.error("--time-budget needs --schedule cosine or onecycle: the step schedule is fixed")
     return args
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in "2h15m", "90m", "1h", "45s", "1h0m30s" or a bare number of seconds.
+
+    Raises argparse.ArgumentTypeError for anything else, or for zero.
+    """
+    match = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?", text)
+    if not text or match is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 2h15m, 90m or 600s")
+    hours, minutes, seconds = (float(group or 0) for group in match.groups())
+    total = hours * 3600 + minutes * 60 + seconds
+    if total <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a time budget must be positive")
+    return total
 
 
 def pick_device(requested: str | None) -> torch.device:
@@ -207,23 +264,53 @@ def parameter_groups(
     ]
 
 
-def lr_multiplier(step: int, args: argparse.Namespace, steps_per_epoch: int) -> float:
-    """Learning-rate factor at optimiser step `step` (LambdaLR multiplies the peak lr)."""
-    total = args.epochs * steps_per_epoch
-    if args.schedule == "step":
-        # The Keras example: x0.1 after epoch 80, x0.01 after 120, 1e-3 after 160, 5e-4 after 180.
-        epoch = step // steps_per_epoch
-        for boundary, factor in ((180, 5e-4), (160, 1e-3), (120, 1e-2), (80, 1e-1)):
-            if epoch >= boundary:
-                return factor
-        return 1.0
-    warmup = max(1, round(args.warmup_epochs * steps_per_epoch))
-    if step < warmup:  # linear warm-up from 1/warmup to 1 (Goyal et al. 2017)
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    if args.schedule == "onecycle":  # linear decay to zero (Smith & Topin 2018, linear form)
-        return max(0.0, 1.0 - progress)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))  # cosine (Loshchilov & Hutter)
+@dataclass
+class LrSchedule:
+    """The learning rate at each optimiser step.
+
+    Linear warm-up to `peak` over `warmup_steps` (Goyal et al. 2017), then cosine
+    (Loshchilov & Hutter 2017, SGDR without restarts) or linear ("onecycle") decay to 0 at
+    `total_steps`; or the Keras CIFAR-10 example's steps (x0.1 after epoch 80, x0.01 after
+    120, 1e-3 after 160, 5e-4 after 180).
+
+    The decay follows `progress` (0 when warm-up ends, 1 at lr 0) rather than the step
+    count, so that `total_steps` may move while the run goes: a time budget shortens or
+    lengthens the run when epochs turn out slower or faster, and the learning rate stays
+    continuous, reaching 0 at the new end. With `total_steps` fixed, `progress` is exactly
+    (step - warmup_steps) / (total_steps - warmup_steps).
+    """
+
+    kind: str  # "cosine", "onecycle" or "step"
+    peak: float
+    warmup_steps: int
+    total_steps: int
+    steps_per_epoch: int
+    step: int = 0
+    progress: float = 0.0
+
+    def factor(self) -> float:
+        """The learning rate at `step` as a fraction of `peak`, in [0, 1]."""
+        if self.kind == "step":
+            epoch = self.step // self.steps_per_epoch
+            for boundary, factor in ((180, 5e-4), (160, 1e-3), (120, 1e-2), (80, 1e-1)):
+                if epoch >= boundary:
+                    return factor
+            return 1.0
+        if self.step < self.warmup_steps:
+            return (self.step + 1) / self.warmup_steps
+        if self.kind == "onecycle":
+            return max(0.0, 1.0 - self.progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, self.progress)))
+
+    def lr(self) -> float:
+        return self.peak * self.factor()
+
+    def advance(self) -> None:
+        """Count one optimiser step; what is left of `progress` is spread over the steps left."""
+        if self.step >= self.warmup_steps:
+            steps_left = max(1, self.total_steps - self.step)
+            self.progress += (1.0 - self.progress) / steps_left
+        self.step += 1
 
 
 # --- One training step ---------------------------------------------------------------------
@@ -234,7 +321,7 @@ class Optimization:
     """Everything a training step updates besides the model itself."""
 
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
+    schedule: LrSchedule
     scaler: torch.amp.GradScaler
     ema: AveragedModel | None
 
@@ -243,10 +330,14 @@ def build_optimization(
     model: nn.Module,
     args: argparse.Namespace,
     steps_per_epoch: int,
+    epochs: int,
     device: torch.device,
     amp_dtype: torch.dtype | None,
 ) -> Optimization:
-    """Optimiser (decay on conv/linear weights only), per-step schedule, scaler, EMA."""
+    """Optimiser (decay on conv/linear weights only), per-step schedule, scaler, EMA.
+
+    The EMA starts as a copy of `model`'s weights: build this after loading any initial ones.
+    """
     groups = parameter_groups(model, args.weight_decay, args.decay_bn_and_bias)
     if args.optimizer == "sgd":
         optimizer: torch.optim.Optimizer = torch.optim.SGD(
@@ -254,8 +345,12 @@ def build_optimization(
         )
     else:
         optimizer = torch.optim.Adam(groups, lr=args.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_multiplier(step, args, steps_per_epoch)
+    schedule = LrSchedule(
+        kind=args.schedule,
+        peak=args.lr,
+        warmup_steps=max(1, round(args.warmup_epochs * steps_per_epoch)),
+        total_steps=epochs * steps_per_epoch,
+        steps_per_epoch=steps_per_epoch,
     )
     # fp16 needs loss scaling against underflow; bf16 has fp32's range and does not.
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
@@ -263,7 +358,7 @@ def build_optimization(
     if args.ema_decay > 0:  # buffers too: the EMA model carries its own BN statistics
         ema_fn = get_ema_multi_avg_fn(args.ema_decay)
         ema = AveragedModel(model, multi_avg_fn=ema_fn, use_buffers=True)
-    return Optimization(optimizer, scheduler, scaler, ema)
+    return Optimization(optimizer, schedule, scaler, ema)
 
 
 def autocast(device: torch.device, amp_dtype: torch.dtype | None) -> AbstractContextManager[None]:
@@ -299,9 +394,11 @@ def train_step(
         loss = F.cross_entropy(logits.float(), labels, label_smoothing=args.label_smoothing)
     opt.optimizer.zero_grad(set_to_none=True)
     opt.scaler.scale(loss).backward()
+    for group in opt.optimizer.param_groups:
+        group["lr"] = opt.schedule.lr()
     opt.scaler.step(opt.optimizer)
     opt.scaler.update()
-    opt.scheduler.step()
+    opt.schedule.advance()
     if opt.ema is not None:
         opt.ema.update_parameters(model)
     return loss, logits
@@ -319,9 +416,10 @@ def save_atomically(obj: dict[str, Any], path: Path) -> None:
 
 
 def git_commit() -> str:
+    """The checkout's commit, with "-dirty" when files differ from it ("unknown" outside git)."""
     try:
         return subprocess.run(
-            ["git", "rev-parse", "HEAD"],
+            ["git", "describe", "--always", "--dirty", "--abbrev=40"],
             capture_output=True,
             text=True,
             check=True,
@@ -364,14 +462,107 @@ def plot_curves(log_path: Path, png_path: Path) -> None:
     plt.close(fig)
 
 
+# --- Where a run starts: data, initial weights, length -------------------------------------
+
+
+def resolve_data(args: argparse.Namespace) -> tuple[str, bool]:
+    """(source, download): --data, else $CIFAR10_DATA, else data/cifar10/ fetched if missing."""
+    if args.data:
+        return args.data, args.download
+    if os.environ.get(DATA_ENV):
+        return os.environ[DATA_ENV], args.download
+    return str(DEFAULT_DATA_DIR), True
+
+
+def load_data(source: str, download: bool, cache_dir: Path | None) -> Dataset:
+    """`load_dataset`, with one line naming what to pass when there is no data to be had."""
+    try:
+        return load_dataset(source, download=download, cache_dir=cache_dir)
+    except (OSError, RuntimeError) as error:  # URLError is an OSError: no internet
+        raise SystemExit(
+            f"error: no training data at {source!r} ({type(error).__name__}: {error}); pass "
+            f"--data PATH or set ${DATA_ENV} (a cifar-10-batches-py folder, a folder with one "
+            "sub-folder per class, or a .tar.gz of one)"
+        ) from None
+
+
+def describe_architecture(depth: int, version: int, shortcut: str) -> str:
+    return f"ResNet{depth} v{version} with {shortcut} shortcuts"
+
+
+def load_initial_weights(
+    path: Path, args: argparse.Namespace
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The state dict and card of `--init-from`, or SystemExit in one line before any training.
+
+    `load_checked` verifies the SHA-256 and that the tensors fit the card's architecture;
+    this adds that the architecture is the one this run builds.
+    """
+    try:
+        parent, card = load_checked(path)
+    except WeightsError as error:
+        raise SystemExit(f"error: --init-from: {error}") from None
+    arch = card["architecture"]
+    theirs = describe_architecture(arch["depth"], arch["version"], arch["shortcut"])
+    ours = describe_architecture(args.depth, args.version, args.shortcut)
+    if theirs != ours:
+        raise SystemExit(
+            f"error: --init-from {path} holds {theirs} but this run builds {ours}: "
+            "pass the matching --depth/--version/--shortcut, or other weights"
+        )
+    return parent.state_dict(), card
+
+
+@dataclass
+class TimeBudget:
+    """Fits a run's epoch count to a wall-clock budget, from the epochs' measured wall times.
+
+    Wall time, not CPU time: an epoch during which the trainer was paused (SIGSTOP) or
+    slowed by other work counts as long as it took, so the plan shrinks to keep the end
+    inside the budget. The first epoch of a process compiles and is only used until
+    steadier ones are measured.
+    """
+
+    seconds: float
+    started: float  # time.monotonic() when the run's clock started (earlier processes included)
+    epoch_seconds: list[float] = field(default_factory=list)
+
+    def epochs_that_fit(self, epochs_done: int, reserve_seconds: float) -> int:
+        """Epochs in all: those done, plus as many as the time left holds after `reserve`."""
+        steady = self.epoch_seconds[1:][-3:] or self.epoch_seconds[-1:]
+        per_epoch = statistics.median(steady)
+        left = self.seconds - (time.monotonic() - self.started) - reserve_seconds
+        return epochs_done + max(0, int(left // per_epoch))
+
+
+def format_duration(seconds: float) -> str:
+    hours, rest = divmod(round(seconds), 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
 # --- The training run --------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    started = time.monotonic()
     args = parse_args(argv)
+    commit = git_commit()  # of the code that runs, not of the checkout when the run ends
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
+    if args.epochs is None and args.time_budget is None:  # the device's default length
+        if device.type == "cuda":
+            args.epochs = CUDA_DEFAULT_EPOCHS
+        else:
+            args.time_budget = parse_duration(CPU_DEFAULT_BUDGET)
+        print(
+            f"length: {args.epochs} epochs (default on {device.type})"
+            if args.epochs
+            else f"length: a time budget of {CPU_DEFAULT_BUDGET} (default on {device.type})"
+        )
+    initial_state, parent_card = (
+        load_initial_weights(args.init_from, args) if args.init_from else (None, None)
+    )
     amp_dtype = autocast_dtype(args.precision, device)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     torch.manual_seed(args.seed)
@@ -380,7 +571,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     checkpoint_path, log_path = run_dir / "checkpoint.pt", run_dir / "metrics.jsonl"
 
     # Data: decoded once into a uint8 tensor cache, then kept whole on the training device.
-    dataset = load_dataset(args.data, download=args.download, cache_dir=args.cache_dir)
+    dataset = load_data(*resolve_data(args), args.cache_dir)
+    if parent_card is not None and list(parent_card["classes"]) != list(dataset.classes):
+        raise SystemExit(
+            f"error: --init-from {args.init_from} was trained on classes {parent_card['classes']}"
+            f" but the data has {list(dataset.classes)}"
+        )
     train_idx, val_idx = stratified_split(dataset.labels, args.val_size, args.seed)
     if args.limit:
         train_idx = train_idx[: args.limit]
@@ -397,13 +593,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"precision {amp_dtype or torch.float32}"
     )
 
-    # Model, EMA, optimiser, schedule.
-    model = resnet(args.depth, args.version, num_classes, args.shortcut).to(
-        device, memory_format=memory_format
-    )
+    # Model (random or --init-from), EMA, optimiser, schedule.
+    model = resnet(args.depth, args.version, num_classes, args.shortcut)
+    if initial_state is not None:
+        model.load_state_dict(initial_state)
+        print(f"init: {args.init_from} (sha256 {parent_card['sha256'][:12]})")
+    model = model.to(device, memory_format=memory_format)
     steps_per_epoch = math.ceil(len(train_set) / args.batch_size)
-    opt = build_optimization(model, args, steps_per_epoch, device, amp_dtype)
-    optimizer, scheduler, scaler, ema = opt.optimizer, opt.scheduler, opt.scaler, opt.ema
+    # With a time budget the length is unknown until an epoch is measured: plan "very long"
+    # (warm-up, then lr near the peak) and fit the plan after each epoch.
+    planned_epochs = args.epochs or 1_000_000
+    opt = build_optimization(model, args, steps_per_epoch, planned_epochs, device, amp_dtype)
+    optimizer, schedule, scaler, ema = opt.optimizer, opt.schedule, opt.scaler, opt.ema
     forward = compile_for_training(model, device) if args.compile else model
     # Explicit generators make shuffling and augmentation reproducible and resumable.
     shuffle_gen = torch.Generator().manual_seed(args.seed + 1)
@@ -416,7 +617,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if ema is not None:
             ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        schedule = opt.schedule = LrSchedule(**state["schedule"])
         scaler.load_state_dict(state["scaler"])
         shuffle_gen.set_state(state["shuffle_rng"])
         augment_gen.set_state(state["augment_rng"].to(augment_gen.get_state().device))
@@ -426,9 +627,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             state["best"],
             state["elapsed_seconds"],
         )
+        planned_epochs = state["planned_epochs"]
+        started -= state["wall_seconds"]  # a budget covers the earlier processes too
         print(f"resumed from {checkpoint_path} after epoch {start_epoch}")
     elif args.resume:
         print(f"--resume: no checkpoint at {checkpoint_path}, starting afresh")
+    budget = TimeBudget(args.time_budget, started) if args.time_budget else None
     if log_path.exists():
         # A fresh run starts a fresh log; a resumed one drops rows of any epoch that was
         # logged but not checkpointed before the kill (it is about to be run again).
@@ -436,7 +640,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         kept = [line for line in rows if json.loads(line)["epoch"] <= start_epoch]
         log_path.write_text("".join(line + "\n" for line in kept))
 
-    for epoch in range(start_epoch, args.epochs):
+    epoch = start_epoch
+    while epoch < planned_epochs:
         epoch_start = time.perf_counter()
         model.train()
         order = torch.randperm(len(train_set), generator=shuffle_gen).to(device)
@@ -445,7 +650,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         seen = 0
         bar = tqdm(
             range(steps_per_epoch),
-            desc=f"epoch {epoch + 1}/{args.epochs}",
+            desc=f"epoch {epoch + 1}/{planned_epochs if budget is None or epoch else '?'}",
             disable=args.no_progress,
             leave=False,
             dynamic_ncols=True,
@@ -480,7 +685,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # the card's final figures are recomputed in fp32).
         row: dict[str, Any] = {
             "epoch": epoch + 1,
-            "lr": scheduler.get_last_lr()[0],
+            "lr": optimizer.param_groups[0]["lr"],  # of the epoch's last step
             "train_loss": loss_sum.item() / seen,
             "train_accuracy": correct.item() / seen,
             "images_per_second": seen / train_seconds,
@@ -501,6 +706,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 prefix = "" if name == "model" else "ema_"
                 row[prefix + "val_loss"] = result["loss"]
                 row[prefix + "val_accuracy"] = result["accuracy"]
+        validation_seconds = time.perf_counter() - epoch_start - train_seconds
         elapsed += time.perf_counter() - epoch_start
         row["elapsed_seconds"] = elapsed
         with open(log_path, "a") as log:
@@ -524,16 +730,34 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "weights": best_name,
             }
             save_weights(candidates[best_name], args.output, args)
+        epoch += 1
+
+        # A time budget fits the plan to the epochs measured so far, the final evaluation
+        # (fp32, plain and mirrored: about four validations) held in reserve.
+        if budget is not None:
+            budget.epoch_seconds.append(time.perf_counter() - epoch_start)
+            fitted = budget.epochs_that_fit(epoch, reserve_seconds=4 * validation_seconds + 2)
+            if fitted != planned_epochs:
+                print(
+                    f"time budget {format_duration(budget.seconds)}: {fitted} epochs fit "
+                    f"(about {budget.epoch_seconds[-1]:.0f} s each, "
+                    f"{format_duration(time.monotonic() - budget.started)} used)",
+                    flush=True,
+                )
+                planned_epochs = fitted
+                schedule.total_steps = planned_epochs * steps_per_epoch
 
         save_atomically(
             {
-                "epoch": epoch + 1,
+                "epoch": epoch,
+                "planned_epochs": planned_epochs,
                 "best": best,
                 "elapsed_seconds": elapsed,
+                "wall_seconds": time.monotonic() - started,
                 "model": model.state_dict(),
                 "ema": ema.state_dict() if ema is not None else {},
                 "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
+                "schedule": asdict(schedule),
                 "scaler": scaler.state_dict(),
                 "shuffle_rng": shuffle_gen.get_state(),
                 "augment_rng": augment_gen.get_state(),
@@ -541,6 +765,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             },
             checkpoint_path,
         )
+    args.epochs = epoch  # what ran, for the card (a time budget chose it)
 
     # The end: final fp32 figures for the kept weights, the card, the plots.
     # Beside the weights, so the plot ships with them (the README shows it).
@@ -566,14 +791,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         best,
         evaluation,
         elapsed,
+        time.monotonic() - started,
         device,
         amp_dtype,
+        parent_card,
+        commit,
     )
     write_card(args.output, card)
     print(
         f"wrote {args.output} and {args.output.with_suffix('.json')}: "
-        f"best epoch {best.get('epoch')} ({best.get('weights')}), "
-        f"validation accuracy {evaluation['accuracy'] if evaluation else 'n/a'}"
+        f"{args.epochs} epochs, best epoch {best.get('epoch')} ({best.get('weights')}), "
+        f"validation accuracy {evaluation['accuracy'] if evaluation else 'n/a'}, "
+        f"wall time {format_duration(time.monotonic() - started)}"
     )
     return card
 
@@ -613,8 +842,11 @@ def build_card(
     best: dict[str, Any],
     evaluation: dict[str, Any] | None,
     elapsed: float,
+    wall_seconds: float,
     device: torch.device,
     amp_dtype: torch.dtype | None,
+    parent_card: dict[str, Any] | None,
+    commit: str,
 ) -> dict[str, Any]:
     recipe = {
         k: (str(v) if isinstance(v, Path) else v)
@@ -630,6 +862,25 @@ def build_card(
             "download",
         )
     }
+    device_name = f"{device.type}: " + (
+        torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    )
+    sha256 = sha256_of(args.output)
+    this_cycle = {
+        "sha256": sha256,
+        "init": parent_card["sha256"] if parent_card else "random",
+        "epochs": args.epochs,
+        "peak_lr": args.lr,
+        "time_budget_seconds": args.time_budget,
+        "wall_seconds": round(wall_seconds, 1),
+        "device": device_name,
+        "validation_accuracy": evaluation["accuracy"] if evaluation else None,
+        "validation_accuracy_mirror_tta": evaluation["mirror_tta"]["accuracy"]
+        if evaluation
+        else None,
+        "git_commit": commit,
+    }
+    cycles = [*lineage_cycles(parent_card), this_cycle] if parent_card else [this_cycle]
     return {
         "name": f"resnet{args.depth}",
         "architecture": {
@@ -675,21 +926,63 @@ def build_card(
                 "per_class": evaluation["mirror_tta"]["per_class"],
             },
         },
+        "lineage": {
+            "parent_sha256": parent_card["sha256"] if parent_card else None,
+            "cumulative_epochs": sum(cycle["epochs"] for cycle in cycles),
+            "cycles": cycles,
+        },
         "training_time_seconds": round(elapsed, 1),
-        "device": f"{device.type}: "
-        + (
-            torch.cuda.get_device_name(device)
-            if device.type == "cuda"
-            else platform.processor() or platform.machine()
-        ),
+        "device": device_name,
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": sys.version.split()[0],
         "seed": args.seed,
-        "git_commit": git_commit(),
+        "git_commit": commit,
         "weights_file": args.output.name,
-        "sha256": sha256_of(args.output),
+        "sha256": sha256,
     }
+
+
+def lineage_cycles(card: dict[str, Any]) -> list[dict[str, Any]]:
+    """The training cycles that made the weights of `card`, oldest first.
+
+    Cards written before lineage was recorded describe one cycle from random initialisation.
+    """
+    if "lineage" in card:
+        return list(card["lineage"]["cycles"])
+    validation = card.get("validation") or {}
+    return [
+        {
+            "sha256": card["sha256"],
+            "init": "random",
+            "epochs": card["epochs"],
+            "peak_lr": card["recipe"]["lr"],
+            "time_budget_seconds": None,
+            "wall_seconds": card.get("training_time_seconds"),
+            "device": card.get("device"),
+            "validation_accuracy": validation.get("accuracy"),
+            "validation_accuracy_mirror_tta": (validation.get("mirror_tta") or {}).get("accuracy"),
+            "git_commit": card.get("git_commit"),
+        }
+    ]
+
+
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo, with the matrix/bf16 extensions that set
+    training speed (AMX, AVX-512 BF16); platform.machine() where there is no /proc."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    fields: dict[str, str] = {}
+    for line in info.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())  # the first processor's
+    flags = set(fields.get("flags", "").split())
+    extensions = (("amx_tile", "AMX"), ("avx512_bf16", "AVX-512 BF16"))
+    extras = [label for flag, label in extensions if flag in flags]
+    name = fields.get("model name") or platform.machine()
+    return name + (f" ({', '.join(extras)})" if extras else "")
 
 
 if __name__ == "__main__":

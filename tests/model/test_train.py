@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import signal
 import subprocess
@@ -12,7 +13,6 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -219,29 +219,62 @@ def assert_same_tensors(actual: dict[str, torch.Tensor], expected: dict[str, tor
 # --- Recipe pieces -------------------------------------------------------------------------
 
 
-def schedule_args(schedule: str, epochs: int = 10, warmup: float = 2.0) -> SimpleNamespace:
-    return SimpleNamespace(schedule=schedule, epochs=epochs, warmup_epochs=warmup)
+def schedule(kind: str, epochs: int = 10, per_epoch: int = 10) -> train.LrSchedule:
+    return train.LrSchedule(
+        kind=kind,
+        peak=0.1,
+        warmup_steps=2 * per_epoch,
+        total_steps=epochs * per_epoch,
+        steps_per_epoch=per_epoch,
+    )
 
 
-@pytest.mark.parametrize("schedule", ["cosine", "onecycle"])
-def test_warmup_then_decay_to_zero(schedule: str) -> None:
-    args, per_epoch = schedule_args(schedule), 10
-    factors = [train.lr_multiplier(step, args, per_epoch) for step in range(100)]
+def factors(lr_schedule: train.LrSchedule, steps: int) -> list[float]:
+    out = []
+    for _ in range(steps):
+        out.append(lr_schedule.factor())
+        lr_schedule.advance()
+    return out
+
+
+@pytest.mark.parametrize("kind", ["cosine", "onecycle"])
+def test_warmup_then_decay_to_zero(kind: str) -> None:
+    lr_schedule = schedule(kind)
+    seen = factors(lr_schedule, 100)
     warmup = 20  # 2 epochs of 10 steps
-    assert factors[0] == pytest.approx(1 / warmup)
-    assert factors[warmup - 1] == pytest.approx(1.0) and factors[warmup] == pytest.approx(1.0)
-    assert all(a < b for a, b in itertools.pairwise(factors[:warmup]))
-    assert all(a > b for a, b in itertools.pairwise(factors[warmup:]))
-    # The last step ends within a step's worth of zero.
-    assert factors[-1] < 0.02
-    assert train.lr_multiplier(100, args, per_epoch) == pytest.approx(0.0, abs=1e-12)
+    assert seen[0] == pytest.approx(1 / warmup)
+    assert seen[warmup - 1] == pytest.approx(1.0) and seen[warmup] == pytest.approx(1.0)
+    assert all(a < b for a, b in itertools.pairwise(seen[:warmup]))
+    assert all(a > b for a, b in itertools.pairwise(seen[warmup:]))
+    # The last step ends within a step's worth of zero, and the step after it is at zero.
+    assert seen[-1] < 0.02
+    assert lr_schedule.factor() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_cosine_is_the_closed_form_when_the_length_is_fixed() -> None:
+    seen = factors(schedule("cosine"), 100)
+    expected = [0.5 * (1 + math.cos(math.pi * (step - 20) / 80)) for step in range(20, 100)]
+    assert seen[20:] == pytest.approx(expected)
+
+
+def test_moving_the_end_keeps_lr_continuous_and_still_reaches_zero() -> None:
+    """What a time budget does when the trainer is paused: the run gets shorter mid-way."""
+    lr_schedule = schedule("cosine", epochs=10)
+    before = factors(lr_schedule, 50)
+    lr_schedule.total_steps = 70  # was 100
+    after = factors(lr_schedule, 20)
+    jumps = [abs(b - a) for a, b in itertools.pairwise(before[20:] + after)]
+    assert max(jumps) < 0.08  # a step's change, never a jump back up or down
+    assert all(a > b for a, b in itertools.pairwise(before[20:] + after))
+    assert after[-1] < 0.02 and lr_schedule.factor() == pytest.approx(0.0, abs=1e-12)
 
 
 def test_step_schedule_is_the_keras_examples() -> None:
-    args, per_epoch = schedule_args("step", epochs=200), 5
+    lr_schedule = schedule("step", epochs=200, per_epoch=5)
 
     def at(epoch: int) -> float:
-        return train.lr_multiplier(epoch * per_epoch, args, per_epoch)
+        lr_schedule.step = epoch * 5
+        return lr_schedule.factor()
 
     assert [at(e) for e in (0, 79, 80, 119, 120, 160, 180, 199)] == [
         1.0, 1.0, 0.1, 0.1, 0.01, 1e-3, 5e-4, 5e-4
