@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--plot",
         type=Path,
         default=None,
-        help="confusion-matrix PNG (default: beside the weights)",
+        help="write the confusion matrix as a PNG here (default: no file is written)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
@@ -193,19 +193,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result["per_class"] = dict(zip(classes, result["per_class"], strict=True))
     result["weights"] = str(args.weights)
     result["tta"] = args.tta
-    plot = args.plot or args.weights.with_name(args.weights.stem + "_confusion.png")
-    plot_confusion(
-        result["confusion_matrix"],
-        classes,
-        plot,
-        f"{args.weights.name}: accuracy {result['accuracy']:.4f} ({result['images']} images)",
-    )
+    if args.plot:  # only on request: evaluating must never overwrite shipped files
+        plot_confusion(
+            result["confusion_matrix"],
+            classes,
+            args.plot,
+            f"{args.weights.name}: accuracy {result['accuracy']:.4f} ({result['images']} images)",
+        )
     if args.json:
         print(json.dumps(result))
     else:
         report = dict(result, per_class=list(result["per_class"].values()))
         print(format_report(report, classes))
-        print(f"\nconfusion matrix plot: {plot}")
+        if args.plot:
+            print(f"\nconfusion matrix plot: {args.plot}")
     return result
 
 

@@ -265,7 +265,11 @@ def main(argv: list[str] | None = None) -> list[ExportCheck]:
     parser.add_argument("--weights", type=Path, default=Path("weights/resnet56.safetensors"))
     parser.add_argument("--format", choices=("onnx", "openvino", "all"), default="all")
     parser.add_argument(
-        "--output-dir", type=Path, default=None, help="default: the folder of the weights"
+        "--output-dir",
+        type=Path,
+        default=Path("exports"),
+        help="where the exported files go (default: exports/; never beside the weights "
+        "unless named here)",
     )
     parser.add_argument("--check-images", type=int, default=256)
     args = parser.parse_args(argv)
@@ -274,7 +278,7 @@ def main(argv: list[str] | None = None) -> list[ExportCheck]:
         model, _ = load_checked(args.weights)
     except WeightsError as error:
         parser.exit(2, f"error: {error}\n")
-    output_dir = args.output_dir or args.weights.parent
+    output_dir = args.output_dir
     name = args.weights.stem  # resnet56.safetensors -> resnet56.onnx, resnet56.xml + .bin
     checks: list[ExportCheck] = []
 

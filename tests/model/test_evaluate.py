@@ -172,20 +172,28 @@ def test_torchvision_test_split(probe_weights: Path, tmp_path: Path) -> None:
     assert result["images"] == len(written["test_batch"])
 
 
-def test_text_report_and_default_plot_beside_the_weights(
+def test_text_report_writes_nothing_beside_the_weights(
     probe_weights: Path, mixed_tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """Evaluating shipped weights on other data must not overwrite their plots."""
     weights = tmp_path / "w" / "probe.safetensors"
     weights.parent.mkdir()
     shutil.copy(probe_weights, weights)
     shutil.copy(probe_weights.with_suffix(".json"), weights.with_suffix(".json"))
+    before = {path: path.read_bytes() for path in weights.parent.iterdir()}
     result = evaluate.main(
         ["--weights", str(weights), "--data", str(mixed_tree), "--cache-dir", str(tmp_path)]
     )
     out = capsys.readouterr().out
     assert f"top-1 accuracy: {result['accuracy']:.4f}" in out
     assert all(name in out for name in CIFAR10_CLASSES)
-    assert (tmp_path / "w" / "probe_confusion.png").stat().st_size > 0
+    assert {path: path.read_bytes() for path in weights.parent.iterdir()} == before
+
+
+def test_plot_is_written_where_asked(probe_weights: Path, mixed_tree: Path, tmp_path: Path) -> None:
+    plot = tmp_path / "plots" / "confusion.png"
+    evaluate.main(run(probe_weights, mixed_tree, tmp_path, "--plot", str(plot)))
+    assert plot.read_bytes().startswith(b"\x89PNG")
 
 
 def test_classes_that_differ_from_the_models_are_refused(

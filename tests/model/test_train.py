@@ -3,6 +3,7 @@ and a killed run resumed from its checkpoint ends exactly where an uninterrupted
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
 import math
@@ -214,6 +215,172 @@ def assert_same_tensors(actual: dict[str, torch.Tensor], expected: dict[str, tor
     assert actual.keys() == expected.keys()
     different = [name for name in expected if not torch.equal(actual[name], expected[name])]
     assert not different, f"tensors differ after resuming: {different[:5]}"
+
+
+# --- Continue from weights ------------------------------------------------------------------
+
+
+def test_init_from_starts_from_the_weights_and_records_the_lineage(
+    colour_tree: Path, tmp_path: Path
+) -> None:
+    parent_card = train.main(tiny_run(colour_tree, tmp_path / "parent", "--epochs", "2"))
+    parent = tmp_path / "parent" / "weights" / "tiny.safetensors"
+    # lr 0 and no EMA: a run that starts from the parent's weights cannot move its conv and
+    # linear weights, so the child's file holds exactly the parent's.
+    child_args = tiny_run(colour_tree, tmp_path / "child", "--epochs", "1", "--lr", "0")
+    child_args[child_args.index("--ema-decay") + 1] = "0"
+    card = train.main([*child_args, "--init-from", str(parent)])
+    parent_state = load_file(parent)
+    child_state = load_file(tmp_path / "child" / "weights" / "tiny.safetensors")
+    matrices = [name for name, tensor in parent_state.items() if tensor.ndim > 1]
+    assert matrices and all(torch.equal(child_state[n], parent_state[n]) for n in matrices)
+
+    lineage = card["lineage"]
+    assert lineage["parent_sha256"] == parent_card["sha256"] == sha256_of(parent)
+    assert lineage["cumulative_epochs"] == 2 + 1
+    assert [cycle["sha256"] for cycle in lineage["cycles"]] == [
+        parent_card["sha256"],
+        card["sha256"],
+    ]
+    this_cycle = lineage["cycles"][-1]
+    assert this_cycle["init"] == parent_card["sha256"]
+    assert this_cycle["epochs"] == 1 and this_cycle["peak_lr"] == 0.0
+    assert this_cycle["validation_accuracy"] == card["validation"]["accuracy"]
+    assert parent_card["lineage"]["cycles"][0]["init"] == "random"
+
+
+def test_init_from_other_architecture_stops_before_training(
+    colour_tree: Path, tmp_path: Path
+) -> None:
+    train.main(tiny_run(colour_tree, tmp_path / "parent", "--epochs", "1"))
+    parent = tmp_path / "parent" / "weights" / "tiny.safetensors"
+    child = tmp_path / "child"
+    result = subprocess.run(
+        [sys.executable, "-m", "model.train",
+         *tiny_run(colour_tree, child, "--epochs", "1", "--depth", "14"),
+         "--init-from", str(parent)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode != 0
+    message = result.stderr.strip().splitlines()
+    assert len(message) == 1, result.stderr  # one line, no traceback
+    assert "ResNet8 v1" in message[0] and "ResNet14 v1" in message[0]
+    assert not (child / "run" / "metrics.jsonl").exists()  # no epoch was trained
+
+
+def test_init_from_weights_that_fail_their_checksum_stops(
+    colour_tree: Path, tmp_path: Path
+) -> None:
+    train.main(tiny_run(colour_tree, tmp_path / "parent", "--epochs", "1"))
+    parent = tmp_path / "parent" / "weights" / "tiny.safetensors"
+    parent.write_bytes(parent.read_bytes()[:-4] + b"\0\0\0\0")
+    with pytest.raises(SystemExit, match="SHA-256"):
+        train.main([*tiny_run(colour_tree, tmp_path / "child", "--epochs", "1"),
+                    "--init-from", str(parent)])  # fmt: skip
+
+
+# --- Time budget ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("2h15m", 8100.0), ("90m", 5400.0), ("45s", 45.0), ("600", 600.0), ("1h0m30s", 3630.0)],
+)
+def test_durations(text: str, seconds: float) -> None:
+    assert train.parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "2 hours", "h", "0s", "-5m"])
+def test_bad_durations_are_refused(text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError):
+        train.parse_duration(text)
+
+
+def test_epochs_and_time_budget_together_are_an_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        train.parse_args(["--data", "x", "--epochs", "3", "--time-budget", "10m"])
+    assert exit_info.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+def run_log(out: Path) -> list[dict[str, float]]:
+    return [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_time_budget_fits_the_epochs_and_ends_at_lr_zero_inside_it(
+    colour_tree: Path, tmp_path: Path
+) -> None:
+    budget = 15.0
+    started = time.monotonic()
+    card = train.main(tiny_run(colour_tree, tmp_path, "--time-budget", f"{budget:.0f}s"))
+    wall = time.monotonic() - started
+    rows = run_log(tmp_path)
+    assert wall <= budget  # the weights and card are written inside the budget
+    assert card["epochs"] == len(rows) == card["lineage"]["cycles"][-1]["epochs"] > 2
+    assert card["recipe"]["time_budget"] == budget
+    assert rows[-1]["lr"] < 0.02 * card["recipe"]["lr"]  # annealed to (within a step of) zero
+
+
+def test_time_budget_holds_when_the_trainer_is_paused(colour_tree: Path, tmp_path: Path) -> None:
+    """SIGSTOP for a third of the budget: the plan shrinks, and the run still ends in time."""
+    budget, pause = 24.0, 8.0
+    process = subprocess.Popen(
+        [sys.executable, "-m", "model.train",
+         *tiny_run(colour_tree, tmp_path, "--time-budget", f"{budget:.0f}s")],
+        cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    started = time.monotonic()
+    try:
+        log = tmp_path / "run" / "metrics.jsonl"
+        while not (log.exists() and len(log.read_text().splitlines()) >= 3):
+            assert process.poll() is None and time.monotonic() - started < budget
+            time.sleep(0.05)
+        process.send_signal(signal.SIGSTOP)
+        time.sleep(pause)
+        process.send_signal(signal.SIGCONT)
+        output, _ = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0, output[-2000:]
+    # Python starts before the budget's clock: allow it a few seconds.
+    assert time.monotonic() - started <= budget + 5
+    card = json.loads((tmp_path / "weights" / "tiny.json").read_text())
+    assert card["epochs"] == len(run_log(tmp_path))
+    assert run_log(tmp_path)[-1]["lr"] < 0.02 * card["recipe"]["lr"]
+    fitted = [line for line in output.splitlines() if "epochs fit" in line]
+    assert len(fitted) >= 2, output  # planned once, then re-planned after the pause
+
+
+# --- Defaults ------------------------------------------------------------------------------
+
+
+def test_without_data_flags_the_data_comes_from_the_environment(
+    colour_tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(train.DATA_ENV, str(colour_tree))
+    args = tiny_run(colour_tree, tmp_path, "--epochs", "1")
+    del args[args.index("--data") : args.index("--data") + 2]
+    card = train.main(args)
+    assert card["data"]["source"] == str(colour_tree)
+
+
+def test_without_data_or_internet_one_line_says_what_to_pass(tmp_path: Path) -> None:
+    """No --data, no $CIFAR10_DATA, no data/cifar10/ and (here) no internet to fetch it."""
+    environment = {k: v for k, v in os.environ.items() if k != train.DATA_ENV}
+    result = subprocess.run(
+        [sys.executable, "-m", "model.train", "--no-compile", "--cache-dir", str(tmp_path)],
+        cwd=tmp_path, env={**environment, "PYTHONPATH": str(REPO_ROOT)},
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    if result.returncode == 0 or "epoch=" in result.stdout:
+        pytest.skip("this machine reached the internet and fetched CIFAR-10")
+    message = result.stderr.strip().splitlines()
+    assert len(message) == 1, result.stderr
+    assert "--data" in message[0] and train.DATA_ENV in message[0]
 
 
 # --- Recipe pieces -------------------------------------------------------------------------
