@@ -29,15 +29,18 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
@@ -46,6 +49,8 @@ from model.evaluate import evaluate_model
 from model.preprocessing import CIFAR10_MEAN, CIFAR10_STD, normalize
 from model.resnet import count_parameters, resnet
 from model.weights import WeightsError, load_checked, sha256_of, write_card
+
+T = TypeVar("T")
 
 # --- Configuration -----------------------------------------------------------------------
 
@@ -415,6 +420,68 @@ def save_atomically(obj: dict[str, Any], path: Path) -> None:
     os.replace(temporary, path)
 
 
+def save_checkpoint(
+    path: Path,
+    *,
+    progress: dict[str, Any],
+    model: nn.Module,
+    opt: Optimization,
+    shuffle_gen: torch.Generator,
+    augment_states: list[torch.Tensor],
+) -> None:
+    """Everything `load_checkpoint` needs to continue the run as if it had not stopped.
+
+    `progress`: epoch, planned_epochs, best, elapsed_seconds, wall_seconds.
+    `augment_states`: each rank's augmentation generator state, by rank.
+    """
+    save_atomically(
+        {
+            **progress,
+            "model": model.state_dict(),
+            "ema": opt.ema.state_dict() if opt.ema is not None else {},
+            "optimizer": opt.optimizer.state_dict(),
+            "schedule": asdict(opt.schedule),
+            "scaler": opt.scaler.state_dict(),
+            "shuffle_rng": shuffle_gen.get_state(),
+            "augment_rng": augment_states,
+            "torch_rng": torch.get_rng_state(),
+        },
+        path,
+    )
+
+
+def load_checkpoint(
+    path: Path,
+    *,
+    model: nn.Module,
+    opt: Optimization,
+    shuffle_gen: torch.Generator,
+    augment_gen: torch.Generator,
+    rank: int,
+    device: torch.device,
+) -> dict[str, Any]:
+    """Restore what `save_checkpoint` wrote into these objects; returns the progress dict.
+
+    Under torchrun every rank reads the file (on several nodes it must be on shared storage).
+    """
+    state = torch.load(path, map_location=device, weights_only=True)
+    model.load_state_dict(state["model"])
+    if opt.ema is not None:
+        opt.ema.load_state_dict(state["ema"])
+    opt.optimizer.load_state_dict(state["optimizer"])
+    opt.schedule = LrSchedule(**state["schedule"])
+    opt.scaler.load_state_dict(state["scaler"])
+    shuffle_gen.set_state(state["shuffle_rng"])
+    augment_states = state["augment_rng"]
+    if isinstance(augment_states, torch.Tensor):  # written by a single-process run
+        augment_states = [augment_states]
+    if rank < len(augment_states):
+        augment_gen.set_state(augment_states[rank].to(augment_gen.get_state().device))
+    torch.set_rng_state(state["torch_rng"])
+    keys = ("epoch", "planned_epochs", "best", "elapsed_seconds", "wall_seconds")
+    return {key: state[key] for key in keys}
+
+
 def git_commit() -> str:
     """The checkout's commit, with "-dirty" when files differ from it ("unknown" outside git)."""
     try:
@@ -540,35 +607,185 @@ def format_duration(seconds: float) -> str:
     return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
 
 
+# --- Several processes (torchrun) ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place among torchrun's processes; a plain run is rank 0 of 1.
+
+    Data parallelism (DistributedDataParallel; Goyal et al. 2017): every rank trains on its
+    share of each global batch and the gradients are averaged, so `--batch-size` stays the
+    global batch of the recipe. Rank 0 alone validates and writes files.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def start_ranks(requested_device: str | None) -> tuple[Ranks, torch.device]:
+    """Join torchrun's process group when torchrun started us: NCCL on CUDA, gloo on the CPU."""
+    device = pick_device(requested_device)
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return Ranks(), device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Ranks(dist.get_rank(), dist.get_world_size()), device
+
+
+def from_main_rank(value: T, ranks: Ranks) -> T:
+    """`value` as rank 0 has it, on every rank: for decisions all ranks must share."""
+    if ranks.world_size == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_from_ranks(value: T, ranks: Ranks) -> list[T]:
+    """Every rank's `value`, by rank."""
+    if ranks.world_size == 1:
+        return [value]
+    values: list[Any] = [None] * ranks.world_size
+    dist.all_gather_object(values, value)
+    return values
+
+
+def check_ranks_agree(model: nn.Module, ranks: Ranks) -> None:
+    """Raise if the ranks' parameters differ: data parallelism must keep one model."""
+    if ranks.world_size == 1:
+        return
+    fingerprint = torch.stack([p.detach().double().sum() for p in model.parameters()]).cpu()
+    fingerprints = gather_from_ranks(fingerprint, ranks)
+    spread = max(float((f - fingerprints[0]).abs().max()) for f in fingerprints)
+    if spread != 0.0:
+        raise RuntimeError(f"ranks hold different parameters (largest difference {spread})")
+    if ranks.is_main:
+        print(f"ranks: the {ranks.world_size} ranks hold identical parameters", flush=True)
+
+
+# --- One epoch, one validation -----------------------------------------------------------------
+
+
+def run_epoch(
+    forward: nn.Module,
+    data: tuple[torch.Tensor, torch.Tensor],
+    order: torch.Tensor,
+    opt: Optimization,
+    args: argparse.Namespace,
+    augment_gen: torch.Generator,
+    amp_dtype: torch.dtype | None,
+    memory_format: torch.memory_format,
+    ranks: Ranks,
+    description: str,
+) -> dict[str, float]:
+    """Train on the images in `order`, a global batch (`--batch-size`) at a time, of which
+    this rank takes every world_size-th image. Returns lr, train loss and accuracy (over all
+    ranks) and images/s."""
+    images, labels = data
+    started = time.perf_counter()
+    device = images.device
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device)
+    seen = torch.zeros((), device=device)
+    steps = math.ceil(len(order) / args.batch_size)
+    bar = tqdm(
+        range(steps),
+        desc=description,
+        disable=args.no_progress or not ranks.is_main,
+        leave=False,
+        dynamic_ncols=True,
+    )
+    for step in bar:
+        batch = order[step * args.batch_size : (step + 1) * args.batch_size]
+        batch = batch[ranks.rank :: ranks.world_size]
+        batch_labels = labels[batch]
+        loss, logits = train_step(
+            forward, images[batch], batch_labels, opt, args, augment_gen, amp_dtype, memory_format
+        )
+        loss_sum += loss.detach() * len(batch)
+        correct += (logits.argmax(1) == batch_labels).sum()
+        seen += len(batch)
+        if step % 20 == 0 or step == steps - 1:  # .item() syncs: not every step
+            bar.set_postfix(
+                loss=f"{loss_sum.item() / seen.item():.3f}",
+                acc=f"{correct.item() / seen.item():.3f}",
+                img_s=f"{seen.item() / (time.perf_counter() - started):.0f}",
+            )
+    bar.close()
+    totals = torch.stack([loss_sum, correct, seen])
+    if ranks.world_size > 1:
+        dist.all_reduce(totals)
+    loss_total, correct_total, seen_total = totals.tolist()
+    return {
+        "lr": opt.optimizer.param_groups[0]["lr"],  # of the epoch's last step
+        "train_loss": loss_total / seen_total,
+        "train_accuracy": correct_total / seen_total,
+        "images_per_second": seen_total / (time.perf_counter() - started),
+    }
+
+
+def validate(
+    candidates: dict[str, nn.Module],
+    val_set: Dataset,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    memory_format: torch.memory_format,
+) -> dict[str, float]:
+    """Validation loss and accuracy of each candidate ("model", "ema"), in the training
+    precision for speed (the card's final figures are recomputed in fp32)."""
+    row = {}
+    for name, candidate in candidates.items():
+        result = evaluate_model(
+            candidate,
+            val_set.images,
+            val_set.labels,
+            device,
+            amp_dtype=amp_dtype,
+            memory_format=memory_format,
+        )
+        prefix = "" if name == "model" else "ema_"
+        row[prefix + "val_loss"] = result["loss"]
+        row[prefix + "val_accuracy"] = result["accuracy"]
+    return row
+
+
 # --- The training run --------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Train as the flags say; returns the model card (an empty dict on ranks other than 0)."""
     started = time.monotonic()
     args = parse_args(argv)
     commit = git_commit()  # of the code that runs, not of the checkout when the run ends
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
+    ranks, device = start_ranks(args.device)
+    if args.batch_size % ranks.world_size:
+        raise SystemExit(
+            f"error: --batch-size {args.batch_size} does not split over {ranks.world_size} "
+            "processes: pass a multiple of --nproc_per_node"
+        )
+    say = print if ranks.is_main else lambda *_, **__: None
     if args.epochs is None and args.time_budget is None:  # the device's default length
         if device.type == "cuda":
             args.epochs = CUDA_DEFAULT_EPOCHS
         else:
             args.time_budget = parse_duration(CPU_DEFAULT_BUDGET)
-        print(
-            f"length: {args.epochs} epochs (default on {device.type})"
-            if args.epochs
-            else f"length: a time budget of {CPU_DEFAULT_BUDGET} (default on {device.type})"
-        )
+        say(f"length: {args.epochs or CPU_DEFAULT_BUDGET} (the default on {device.type})")
     initial_state, parent_card = (
         load_initial_weights(args.init_from, args) if args.init_from else (None, None)
     )
     amp_dtype = autocast_dtype(args.precision, device)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     torch.manual_seed(args.seed)
-    run_dir: Path = args.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint_path, log_path = run_dir / "checkpoint.pt", run_dir / "metrics.jsonl"
+    checkpoint_path, log_path = args.run_dir / "checkpoint.pt", args.run_dir / "metrics.jsonl"
 
     # Data: decoded once into a uint8 tensor cache, then kept whole on the training device.
     dataset = load_data(*resolve_data(args), args.cache_dir)
@@ -582,197 +799,180 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         train_idx = train_idx[: args.limit]
     train_set: Dataset = dataset.subset(train_idx)
     val_set: Dataset | None = dataset.subset(val_idx) if args.val_size else None
-    train_images, train_labels = (
-        train_set.images.to(device),
-        train_set.labels.to(device),
-    )
+    train_data = (train_set.images.to(device), train_set.labels.to(device))
     num_classes = len(dataset.classes)
-    print(
+    say(
         f"data: {dataset.source} ({len(dataset)} images, sha256 {dataset.checksum[:12]}), "
-        f"train {len(train_set)}, validation {len(val_set) if val_set else 0}; device {device}, "
-        f"precision {amp_dtype or torch.float32}"
+        f"train {len(train_set)}, validation {len(val_set) if val_set else 0}; device {device}"
+        f" x {ranks.world_size} process(es), precision {amp_dtype or torch.float32}"
     )
 
     # Model (random or --init-from), EMA, optimiser, schedule.
     model = resnet(args.depth, args.version, num_classes, args.shortcut)
     if initial_state is not None:
         model.load_state_dict(initial_state)
-        print(f"init: {args.init_from} (sha256 {parent_card['sha256'][:12]})")
+        say(f"init: {args.init_from} (sha256 {parent_card['sha256'][:12]})")
     model = model.to(device, memory_format=memory_format)
     steps_per_epoch = math.ceil(len(train_set) / args.batch_size)
     # With a time budget the length is unknown until an epoch is measured: plan "very long"
     # (warm-up, then lr near the peak) and fit the plan after each epoch.
     planned_epochs = args.epochs or 1_000_000
     opt = build_optimization(model, args, steps_per_epoch, planned_epochs, device, amp_dtype)
-    optimizer, schedule, scaler, ema = opt.optimizer, opt.schedule, opt.scaler, opt.ema
-    forward = compile_for_training(model, device) if args.compile else model
-    # Explicit generators make shuffling and augmentation reproducible and resumable.
+    # Explicit generators make shuffling and augmentation reproducible and resumable; the
+    # permutation is shared by all ranks, the augmentation differs per rank.
     shuffle_gen = torch.Generator().manual_seed(args.seed + 1)
-    augment_gen = torch.Generator(device=device).manual_seed(args.seed + 2)
+    augment_gen = torch.Generator(device=device).manual_seed(args.seed + 2 + 1000 * ranks.rank)
 
-    start_epoch, best, elapsed = 0, {"val_accuracy": -1.0}, 0.0
+    progress: dict[str, Any] = {"epoch": 0, "best": {"val_accuracy": -1.0}, "elapsed_seconds": 0.0}
     if args.resume and checkpoint_path.is_file():
-        state = torch.load(checkpoint_path, map_location=device, weights_only=True)
-        model.load_state_dict(state["model"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule = opt.schedule = LrSchedule(**state["schedule"])
-        scaler.load_state_dict(state["scaler"])
-        shuffle_gen.set_state(state["shuffle_rng"])
-        augment_gen.set_state(state["augment_rng"].to(augment_gen.get_state().device))
-        torch.set_rng_state(state["torch_rng"])
-        start_epoch, best, elapsed = (
-            state["epoch"],
-            state["best"],
-            state["elapsed_seconds"],
+        progress = load_checkpoint(
+            checkpoint_path,
+            model=model,
+            opt=opt,
+            shuffle_gen=shuffle_gen,
+            augment_gen=augment_gen,
+            rank=ranks.rank,
+            device=device,
         )
-        planned_epochs = state["planned_epochs"]
-        started -= state["wall_seconds"]  # a budget covers the earlier processes too
-        print(f"resumed from {checkpoint_path} after epoch {start_epoch}")
+        planned_epochs = args.epochs or progress["planned_epochs"]
+        opt.schedule.total_steps = planned_epochs * steps_per_epoch
+        started -= progress["wall_seconds"]  # a time budget covers the earlier processes too
+        say(f"resumed from {checkpoint_path} after epoch {progress['epoch']}")
     elif args.resume:
-        print(f"--resume: no checkpoint at {checkpoint_path}, starting afresh")
+        say(f"--resume: no checkpoint at {checkpoint_path}, starting afresh")
     budget = TimeBudget(args.time_budget, started) if args.time_budget else None
-    if log_path.exists():
-        # A fresh run starts a fresh log; a resumed one drops rows of any epoch that was
-        # logged but not checkpointed before the kill (it is about to be run again).
-        rows = [line for line in log_path.read_text().splitlines() if line.strip()]
-        kept = [line for line in rows if json.loads(line)["epoch"] <= start_epoch]
-        log_path.write_text("".join(line + "\n" for line in kept))
+    if ranks.is_main:
+        args.run_dir.mkdir(parents=True, exist_ok=True)
+        keep_log_rows(log_path, up_to_epoch=progress["epoch"])
 
-    epoch = start_epoch
+    # DDP averages the gradients over ranks (and broadcasts rank 0's weights at the start).
+    trained = DistributedDataParallel(model) if ranks.world_size > 1 else model
+    forward = compile_for_training(trained, device) if args.compile else trained
+
+    epoch = progress["epoch"]
     while epoch < planned_epochs:
         epoch_start = time.perf_counter()
         model.train()
         order = torch.randperm(len(train_set), generator=shuffle_gen).to(device)
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
-        seen = 0
-        bar = tqdm(
-            range(steps_per_epoch),
-            desc=f"epoch {epoch + 1}/{planned_epochs if budget is None or epoch else '?'}",
-            disable=args.no_progress,
-            leave=False,
-            dynamic_ncols=True,
-        )
-        for step in bar:
-            batch = order[step * args.batch_size : (step + 1) * args.batch_size]
-            labels = train_labels[batch]
-            loss, logits = train_step(
-                forward,
-                train_images[batch],
-                labels,
-                opt,
-                args,
-                augment_gen,
-                amp_dtype,
-                memory_format,
-            )
-            loss_sum += loss.detach() * len(batch)
-            correct += (logits.argmax(1) == labels).sum()
-            seen += len(batch)
-            if step % 20 == 0 or step == steps_per_epoch - 1:  # .item() syncs: not every step
-                rate = seen / (time.perf_counter() - epoch_start)
-                bar.set_postfix(
-                    loss=f"{loss_sum.item() / seen:.3f}",
-                    acc=f"{correct.item() / seen:.3f}",
-                    img_s=f"{rate:.0f}",
-                )
-        bar.close()
-        train_seconds = time.perf_counter() - epoch_start
-
-        # Validation of the model and of its EMA (same precision as training, for speed;
-        # the card's final figures are recomputed in fp32).
-        row: dict[str, Any] = {
-            "epoch": epoch + 1,
-            "lr": optimizer.param_groups[0]["lr"],  # of the epoch's last step
-            "train_loss": loss_sum.item() / seen,
-            "train_accuracy": correct.item() / seen,
-            "images_per_second": seen / train_seconds,
-        }
-        candidates: dict[str, nn.Module] = {"model": model}
-        if ema is not None:
-            candidates["ema"] = ema.module
-        if val_set is not None:
-            for name, candidate in candidates.items():
-                result = evaluate_model(
-                    candidate,
-                    val_set.images,
-                    val_set.labels,
-                    device,
-                    amp_dtype=amp_dtype,
-                    memory_format=memory_format,
-                )
-                prefix = "" if name == "model" else "ema_"
-                row[prefix + "val_loss"] = result["loss"]
-                row[prefix + "val_accuracy"] = result["accuracy"]
-        validation_seconds = time.perf_counter() - epoch_start - train_seconds
-        elapsed += time.perf_counter() - epoch_start
-        row["elapsed_seconds"] = elapsed
-        with open(log_path, "a") as log:
-            log.write(json.dumps(row) + "\n")
-        summary = " ".join(
-            f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
-        )
-        print(summary, flush=True)
-
-        # Keep the best epoch by validation accuracy (model or EMA); with no validation
-        # split, the latest epoch is the best we know.
-        scores = {
-            name: row.get(("" if name == "model" else "ema_") + "val_accuracy", epoch)
-            for name in candidates
-        }
-        best_name = max(scores, key=lambda name: scores[name])
-        if val_set is None or scores[best_name] > best["val_accuracy"]:
-            best = {
-                "val_accuracy": float(scores[best_name]) if val_set is not None else -1.0,
-                "epoch": epoch + 1,
-                "weights": best_name,
-            }
-            save_weights(candidates[best_name], args.output, args)
+        shown = planned_epochs if budget is None or epoch else "?"
+        row = {"epoch": epoch + 1}
+        row |= run_epoch(
+            forward, train_data, order, opt, args, augment_gen, amp_dtype, memory_format,
+            ranks, description=f"epoch {epoch + 1}/{shown}",
+        )  # fmt: skip
         epoch += 1
-
-        # A time budget fits the plan to the epochs measured so far, the final evaluation
-        # (fp32, plain and mirrored: about four validations) held in reserve.
-        if budget is not None:
-            budget.epoch_seconds.append(time.perf_counter() - epoch_start)
-            fitted = budget.epochs_that_fit(epoch, reserve_seconds=4 * validation_seconds + 2)
-            if fitted != planned_epochs:
-                print(
-                    f"time budget {format_duration(budget.seconds)}: {fitted} epochs fit "
-                    f"(about {budget.epoch_seconds[-1]:.0f} s each, "
-                    f"{format_duration(time.monotonic() - budget.started)} used)",
-                    flush=True,
-                )
-                planned_epochs = fitted
-                schedule.total_steps = planned_epochs * steps_per_epoch
-
-        save_atomically(
-            {
+        candidates = {"model": model} | ({"ema": opt.ema.module} if opt.ema else {})
+        augment_states = gather_from_ranks(augment_gen.get_state(), ranks)
+        if ranks.is_main:
+            validation_start = time.perf_counter()
+            if val_set is not None:
+                row |= validate(candidates, val_set, device, amp_dtype, memory_format)
+            validation_seconds = time.perf_counter() - validation_start
+            progress["elapsed_seconds"] += time.perf_counter() - epoch_start
+            row["elapsed_seconds"] = progress["elapsed_seconds"]
+            log_epoch(log_path, row)
+            progress["best"] = keep_if_best(row, candidates, progress["best"], args)
+            # A time budget fits the plan to the epochs measured so far, keeping the final
+            # evaluation (fp32, plain and mirrored: about four validations) in reserve.
+            if budget is not None:
+                budget.epoch_seconds.append(time.perf_counter() - epoch_start)
+                fitted = budget.epochs_that_fit(epoch, reserve_seconds=4 * validation_seconds + 2)
+                if fitted != planned_epochs:
+                    say(
+                        f"time budget {format_duration(budget.seconds)}: {fitted} epochs fit "
+                        f"(about {budget.epoch_seconds[-1]:.0f} s each, "
+                        f"{format_duration(time.monotonic() - budget.started)} used)",
+                        flush=True,
+                    )
+                    planned_epochs = fitted
+        planned_epochs = from_main_rank(planned_epochs, ranks)
+        opt.schedule.total_steps = planned_epochs * steps_per_epoch
+        if ranks.is_main:
+            progress |= {
                 "epoch": epoch,
                 "planned_epochs": planned_epochs,
-                "best": best,
-                "elapsed_seconds": elapsed,
                 "wall_seconds": time.monotonic() - started,
-                "model": model.state_dict(),
-                "ema": ema.state_dict() if ema is not None else {},
-                "optimizer": optimizer.state_dict(),
-                "schedule": asdict(schedule),
-                "scaler": scaler.state_dict(),
-                "shuffle_rng": shuffle_gen.get_state(),
-                "augment_rng": augment_gen.get_state(),
-                "torch_rng": torch.get_rng_state(),
-            },
-            checkpoint_path,
-        )
+            }
+            save_checkpoint(
+                checkpoint_path,
+                progress=progress,
+                model=model,
+                opt=opt,
+                shuffle_gen=shuffle_gen,
+                augment_states=augment_states,
+            )
+    check_ranks_agree(model, ranks)
+    if ranks.world_size > 1:
+        dist.destroy_process_group()
+    if not ranks.is_main:
+        return {}
     args.epochs = epoch  # what ran, for the card (a time budget chose it)
+    card = finish(
+        args, dataset, train_set, val_set, progress, log_path, device, amp_dtype, parent_card,
+        commit, wall_seconds=lambda: time.monotonic() - started,
+    )  # fmt: skip
+    return card
 
-    # The end: final fp32 figures for the kept weights, the card, the plots.
+
+def keep_log_rows(log_path: Path, up_to_epoch: int) -> None:
+    """A fresh run starts a fresh log; a resumed one drops rows of any epoch that was logged
+    but not checkpointed before the kill (it is about to be run again)."""
+    if log_path.exists():
+        rows = [line for line in log_path.read_text().splitlines() if line.strip()]
+        kept = [line for line in rows if json.loads(line)["epoch"] <= up_to_epoch]
+        log_path.write_text("".join(line + "\n" for line in kept))
+
+
+def log_epoch(log_path: Path, row: dict[str, Any]) -> None:
+    """One JSON line in the log, and the same figures on stdout."""
+    with open(log_path, "a") as log:
+        log.write(json.dumps(row) + "\n")
+    print(
+        " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
+        flush=True,
+    )
+
+
+def keep_if_best(
+    row: dict[str, Any],
+    candidates: dict[str, nn.Module],
+    best: dict[str, Any],
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """Write the weights of the better candidate (model or EMA) when it beats `best` on
+    validation accuracy; with no validation split, the latest model is the best known."""
+    if "val_accuracy" not in row:
+        save_weights(candidates["model"], args.output, args)
+        return {"val_accuracy": -1.0, "epoch": row["epoch"], "weights": "model"}
+    scores = {
+        name: row[("" if name == "model" else "ema_") + "val_accuracy"] for name in candidates
+    }
+    name = max(scores, key=lambda candidate: scores[candidate])
+    if scores[name] <= best["val_accuracy"]:
+        return best
+    save_weights(candidates[name], args.output, args)
+    return {"val_accuracy": float(scores[name]), "epoch": row["epoch"], "weights": name}
+
+
+def finish(
+    args: argparse.Namespace,
+    dataset: Dataset,
+    train_set: Dataset,
+    val_set: Dataset | None,
+    progress: dict[str, Any],
+    log_path: Path,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    parent_card: dict[str, Any] | None,
+    commit: str,
+    wall_seconds: Callable[[], float],
+) -> dict[str, Any]:
+    """The kept weights' final fp32 figures (plain and mirrored), the curves and the card."""
     # Beside the weights, so the plot ships with them (the README shows it).
     plot_curves(log_path, args.output.with_name(f"{args.output.stem}_training.png"))
     from safetensors.torch import load_file
 
-    kept = resnet(args.depth, args.version, num_classes, args.shortcut)
+    kept = resnet(args.depth, args.version, len(dataset.classes), args.shortcut)
     kept.load_state_dict(load_file(args.output))
     evaluation = None
     if val_set is not None:
@@ -782,27 +982,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         evaluation["mirror_tta"] = evaluate_model(
             kept, val_set.images, val_set.labels, device, tta=True
         )
+    best = progress["best"]
     card = build_card(
-        args,
-        dataset,
-        train_set,
-        val_set,
-        kept,
-        best,
-        evaluation,
-        elapsed,
-        time.monotonic() - started,
-        device,
-        amp_dtype,
-        parent_card,
-        commit,
-    )
+        args, dataset, train_set, val_set, kept, best, evaluation, progress["elapsed_seconds"],
+        wall_seconds(), device, amp_dtype, parent_card, commit,
+    )  # fmt: skip
     write_card(args.output, card)
     print(
         f"wrote {args.output} and {args.output.with_suffix('.json')}: "
         f"{args.epochs} epochs, best epoch {best.get('epoch')} ({best.get('weights')}), "
         f"validation accuracy {evaluation['accuracy'] if evaluation else 'n/a'}, "
-        f"wall time {format_duration(time.monotonic() - started)}"
+        f"wall time {format_duration(wall_seconds())}"
     )
     return card
 

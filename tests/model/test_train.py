@@ -383,6 +383,55 @@ def test_without_data_or_internet_one_line_says_what_to_pass(tmp_path: Path) -> 
     assert "--data" in message[0] and train.DATA_ENV in message[0]
 
 
+# --- Several processes (torchrun) ----------------------------------------------------------
+
+
+def torchrun(processes: int, args: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone",
+         f"--nproc_per_node={processes}", "-m", "model.train", *args],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+def test_torchrun_trains_one_model_on_two_processes_and_resumes(
+    colour_tree: Path, tmp_path: Path
+) -> None:
+    flags = ["--precision", "fp32", "--no-channels-last"]
+    single = train.main(tiny_run(colour_tree, tmp_path / "one", "--epochs", "3", *flags))
+
+    two = tmp_path / "two"
+    first = torchrun(2, tiny_run(colour_tree, two, "--epochs", "2", *flags))
+    assert first.returncode == 0, first.stderr[-3000:]
+    # DDP kept one model: the ranks compare their parameters at the end and say so.
+    assert "the 2 ranks hold identical parameters" in first.stdout
+    # Rank 0 alone writes: one log line per epoch, not two.
+    assert [row["epoch"] for row in run_log(two)] == [1, 2]
+    resumed = torchrun(2, [*tiny_run(colour_tree, two, "--epochs", "3", *flags), "--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout and "after epoch 2" in resumed.stdout
+    card = json.loads((two / "weights" / "tiny.json").read_text())
+
+    # The same global batch (16 = 2 x 8) learns what one process learns: each rank has its
+    # own augmentation, so the figures agree within a tolerance, not exactly.
+    assert [row["epoch"] for row in run_log(two)] == [1, 2, 3]
+    one_rows, two_rows = run_log(tmp_path / "one"), run_log(two)
+    for one_row, two_row in zip(one_rows, two_rows, strict=True):
+        assert abs(one_row["train_loss"] - two_row["train_loss"]) < 0.25
+    assert card["validation"]["accuracy"] >= 0.9 and single["validation"]["accuracy"] >= 0.9
+    assert card["data"]["train_images"] == single["data"]["train_images"]
+
+
+def test_a_batch_that_does_not_split_over_the_processes_is_refused(
+    colour_tree: Path, tmp_path: Path
+) -> None:
+    args = tiny_run(colour_tree, tmp_path, "--epochs", "1")
+    args[args.index("--batch-size") + 1] = "15"
+    result = torchrun(2, args)
+    assert result.returncode != 0
+    assert "--batch-size 15 does not split over 2 processes" in result.stderr
+
+
 # --- Recipe pieces -------------------------------------------------------------------------
 
 
