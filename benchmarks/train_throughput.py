@@ -135,19 +135,17 @@ def project_steps(
 ) -> tuple[Step, Step, str]:
     """(end-to-end step, model-only step, precision): model.train's own `train_step`, with
     the optimiser, schedule, EMA and augmentation built from model.train's defaults."""
-    flags = ["--data", "-", "--depth", str(args.depth)] + (
-        ["--no-compile"] if args.no_compile else []
-    )
-    config = train.parse_args(flags)
-    amp_dtype = train.autocast_dtype(config.precision, device)
-    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
-    model = resnet(config.depth, config.version, 10, config.shortcut).to(
+    recipe = train.Recipe(depth=args.depth, batch_size=args.batch_size)
+    run = train.RunOptions(compile=not args.no_compile)
+    amp_dtype = train.autocast_dtype(recipe.precision, device)
+    memory_format = torch.channels_last if run.channels_last else torch.contiguous_format
+    model = resnet(recipe.depth, recipe.version, 10, recipe.shortcut).to(
         device, memory_format=memory_format
     )
     steps_per_epoch = math.ceil(EPOCH_IMAGES / args.batch_size)
     # The schedule only sets the lr; its length does not change the cost of a step.
-    opt = train.build_optimization(model, config, steps_per_epoch, 100, device, amp_dtype)
-    forward = train.compile_for_training(model, device) if config.compile else model
+    opt = train.build_optimization(model, recipe, steps_per_epoch, 100, device, amp_dtype)
+    forward = train.compile_for_training(model, device) if run.compile else model
     train_images, train_labels = images.to(device), labels.to(device)
     shuffle_gen = torch.Generator().manual_seed(1)
     augment_gen = torch.Generator(device=device).manual_seed(2)
@@ -158,7 +156,7 @@ def project_steps(
             train_images[batch],
             train_labels[batch],
             opt,
-            config,
+            recipe,
             augment_gen,
             amp_dtype,
             memory_format,
@@ -183,7 +181,7 @@ def project_steps(
 
     precision = f"{str(amp_dtype or torch.float32).removeprefix('torch.')} autocast"
     layout = str(memory_format).removeprefix("torch.")
-    compiled = "torch.compile" if config.compile else "eager"
+    compiled = "torch.compile" if run.compile else "eager"
     return end_to_end, model_only, f"{precision}, {layout}, {compiled}"
 
 

@@ -31,7 +31,7 @@ import sys
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -60,7 +60,74 @@ DATA_ENV = "CIFAR10_DATA"
 DEFAULT_DATA_DIR = Path("data/cifar10")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that determines the weights; the card stores it as `recipe`.
+
+    Each field is a flag of the same name (`--batch-size` for batch_size). Units: learning
+    rates per optimiser step; decays per step; sizes in pixels; the time budget in seconds.
+    """
+
+    # Architecture (model/resnet.py)
+    depth: int = 56  # 6n+2 for v1, 9n+2 for v2
+    version: int = 1  # 1: He et al. 2015; 2: pre-activation, He et al. 2016
+    shortcut: str = "projection"  # or "padding" (the paper's option A)
+    # Data
+    val_size: int = 5000  # stratified validation images held out (0: none)
+    limit: int = 0  # train on only this many images (0: all)
+    seed: int = 0  # split, initialisation, shuffling, augmentation
+    # Length: one of the two (neither: the device's default, see main)
+    epochs: int | None = None
+    time_budget: float | None = None  # seconds of wall time for the whole run
+    init_from: str | None = None  # weights to start from (None: random initialisation)
+    # Optimisation
+    batch_size: int = 128  # the global batch, over all torchrun processes
+    optimizer: str = "sgd"  # or "adam"
+    lr: float | None = None  # peak; None: 0.1 for SGD, 1e-3 for Adam (filled in)
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    decay_bn_and_bias: bool = False
+    schedule: str = "cosine"  # or "onecycle", "step" (the Keras example's)
+    warmup_epochs: float = 2.0
+    label_smoothing: float = 0.1
+    ema_decay: float = 0.999  # 0: no EMA
+    # Augmentation (model/data.py), on whole batches
+    crop_padding: int = 4
+    no_flip: bool = False
+    cutout: int = 0  # square side (0: off)
+    precision: str = "auto"  # auto: bf16 autocast on the CPU, fp16 on CUDA; or fp32, bf16, fp16
+
+    def __post_init__(self) -> None:
+        if self.lr is None:  # frozen: the optimiser-dependent default is set once, here
+            object.__setattr__(self, "lr", 1e-3 if self.optimizer == "adam" else 0.1)
+
+    @property
+    def peak_lr(self) -> float:
+        assert self.lr is not None  # __post_init__ filled it
+        return self.lr
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How and where a run goes, none of which changes the weights it ends with."""
+
+    data: str | None = None
+    data_description: str = ""
+    download: bool = False
+    cache_dir: Path | None = None
+    run_dir: Path = Path("runs/resnet56")
+    output: Path = Path("runs/resnet56/resnet56.safetensors")
+    resume: bool = False
+    device: str | None = None
+    threads: int = 0
+    channels_last: bool = True
+    compile: bool = True
+    no_progress: bool = False
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[Recipe, RunOptions]:
+    """The command line as a recipe and run options; exits with status 2 on bad flags."""
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -114,7 +181,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--init-from",
-        type=Path,
         default=None,
         metavar="WEIGHTS",
         help="start from these weights (checked against their card) with a fresh optimiser "
@@ -190,13 +256,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars (logs only)")
     args = p.parse_args(argv)
-    if args.lr is None:
-        args.lr = 1e-3 if args.optimizer == "adam" else 0.1
     if args.output is None:
         args.output = args.run_dir / f"resnet{args.depth}.safetensors"
+    if args.init_from is not None:
+        args.init_from = str(args.init_from)
     if args.time_budget is not None and args.schedule == "step":
         p.error("--time-budget needs --schedule cosine or onecycle: the step schedule is fixed")
-    return args
+    values = vars(args)
+    recipe = Recipe(**{field.name: values[field.name] for field in fields(Recipe)})
+    run = RunOptions(**{field.name: values[field.name] for field in fields(RunOptions)})
+    return recipe, run
 
 
 def parse_duration(text: str) -> float:
@@ -333,7 +402,7 @@ class Optimization:
 
 def build_optimization(
     model: nn.Module,
-    args: argparse.Namespace,
+    recipe: Recipe,
     steps_per_epoch: int,
     epochs: int,
     device: torch.device,
@@ -343,25 +412,25 @@ def build_optimization(
 
     The EMA starts as a copy of `model`'s weights: build this after loading any initial ones.
     """
-    groups = parameter_groups(model, args.weight_decay, args.decay_bn_and_bias)
-    if args.optimizer == "sgd":
+    groups = parameter_groups(model, recipe.weight_decay, recipe.decay_bn_and_bias)
+    if recipe.optimizer == "sgd":
         optimizer: torch.optim.Optimizer = torch.optim.SGD(
-            groups, lr=args.lr, momentum=args.momentum, nesterov=args.nesterov
+            groups, lr=recipe.peak_lr, momentum=recipe.momentum, nesterov=recipe.nesterov
         )
     else:
-        optimizer = torch.optim.Adam(groups, lr=args.lr)
+        optimizer = torch.optim.Adam(groups, lr=recipe.peak_lr)
     schedule = LrSchedule(
-        kind=args.schedule,
-        peak=args.lr,
-        warmup_steps=max(1, round(args.warmup_epochs * steps_per_epoch)),
+        kind=recipe.schedule,
+        peak=recipe.peak_lr,
+        warmup_steps=max(1, round(recipe.warmup_epochs * steps_per_epoch)),
         total_steps=epochs * steps_per_epoch,
         steps_per_epoch=steps_per_epoch,
     )
     # fp16 needs loss scaling against underflow; bf16 has fp32's range and does not.
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     ema = None
-    if args.ema_decay > 0:  # buffers too: the EMA model carries its own BN statistics
-        ema_fn = get_ema_multi_avg_fn(args.ema_decay)
+    if recipe.ema_decay > 0:  # buffers too: the EMA model carries its own BN statistics
+        ema_fn = get_ema_multi_avg_fn(recipe.ema_decay)
         ema = AveragedModel(model, multi_avg_fn=ema_fn, use_buffers=True)
     return Optimization(optimizer, schedule, scaler, ema)
 
@@ -377,7 +446,7 @@ def train_step(
     images: torch.Tensor,
     labels: torch.Tensor,
     opt: Optimization,
-    args: argparse.Namespace,
+    recipe: Recipe,
     augment_gen: torch.Generator,
     amp_dtype: torch.dtype | None,
     memory_format: torch.memory_format,
@@ -389,14 +458,14 @@ def train_step(
     images = augment(
         images,
         augment_gen,
-        crop_padding=args.crop_padding,
-        flip=not args.no_flip,
-        cutout_size=args.cutout,
+        crop_padding=recipe.crop_padding,
+        flip=not recipe.no_flip,
+        cutout_size=recipe.cutout,
     )
     images = normalize(images).contiguous(memory_format=memory_format)
     with autocast(images.device, amp_dtype):
         logits = model(images)
-        loss = F.cross_entropy(logits.float(), labels, label_smoothing=args.label_smoothing)
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=recipe.label_smoothing)
     opt.optimizer.zero_grad(set_to_none=True)
     opt.scaler.scale(loss).backward()
     for group in opt.optimizer.param_groups:
@@ -532,12 +601,12 @@ def plot_curves(log_path: Path, png_path: Path) -> None:
 # --- Where a run starts: data, initial weights, length -------------------------------------
 
 
-def resolve_data(args: argparse.Namespace) -> tuple[str, bool]:
+def resolve_data(run: RunOptions) -> tuple[str, bool]:
     """(source, download): --data, else $CIFAR10_DATA, else data/cifar10/ fetched if missing."""
-    if args.data:
-        return args.data, args.download
+    if run.data:
+        return run.data, run.download
     if os.environ.get(DATA_ENV):
-        return os.environ[DATA_ENV], args.download
+        return os.environ[DATA_ENV], run.download
     return str(DEFAULT_DATA_DIR), True
 
 
@@ -558,7 +627,7 @@ def describe_architecture(depth: int, version: int, shortcut: str) -> str:
 
 
 def load_initial_weights(
-    path: Path, args: argparse.Namespace
+    path: Path, recipe: Recipe
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The state dict and card of `--init-from`, or SystemExit in one line before any training.
 
@@ -571,7 +640,7 @@ def load_initial_weights(
         raise SystemExit(f"error: --init-from: {error}") from None
     arch = card["architecture"]
     theirs = describe_architecture(arch["depth"], arch["version"], arch["shortcut"])
-    ours = describe_architecture(args.depth, args.version, args.shortcut)
+    ours = describe_architecture(recipe.depth, recipe.version, recipe.shortcut)
     if theirs != ours:
         raise SystemExit(
             f"error: --init-from {path} holds {theirs} but this run builds {ours}: "
@@ -595,10 +664,12 @@ class TimeBudget:
     epoch_seconds: list[float] = field(default_factory=list)
 
     def epochs_that_fit(self, epochs_done: int, reserve_seconds: float) -> int:
-        """Epochs in all: those done, plus as many as the time left holds after `reserve`."""
+        """Epochs in all: those done, plus as many as the time left holds after `reserve`
+        and one epoch kept in hand, so that a pause or slowdown near the end still lets the
+        schedule finish inside the budget."""
         steady = self.epoch_seconds[1:][-3:] or self.epoch_seconds[-1:]
         per_epoch = statistics.median(steady)
-        left = self.seconds - (time.monotonic() - self.started) - reserve_seconds
+        left = self.seconds - (time.monotonic() - self.started) - reserve_seconds - per_epoch
         return epochs_done + max(0, int(left // per_epoch))
 
 
@@ -678,36 +749,36 @@ def run_epoch(
     data: tuple[torch.Tensor, torch.Tensor],
     order: torch.Tensor,
     opt: Optimization,
-    args: argparse.Namespace,
+    recipe: Recipe,
     augment_gen: torch.Generator,
     amp_dtype: torch.dtype | None,
     memory_format: torch.memory_format,
     ranks: Ranks,
-    description: str,
+    description: str | None,
 ) -> dict[str, float]:
     """Train on the images in `order`, a global batch (`--batch-size`) at a time, of which
     this rank takes every world_size-th image. Returns lr, train loss and accuracy (over all
-    ranks) and images/s."""
+    ranks) and images/s. `description` labels a progress bar (None: no bar)."""
     images, labels = data
     started = time.perf_counter()
     device = images.device
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device)
     seen = torch.zeros((), device=device)
-    steps = math.ceil(len(order) / args.batch_size)
+    steps = math.ceil(len(order) / recipe.batch_size)
     bar = tqdm(
         range(steps),
         desc=description,
-        disable=args.no_progress or not ranks.is_main,
+        disable=description is None,
         leave=False,
         dynamic_ncols=True,
     )
     for step in bar:
-        batch = order[step * args.batch_size : (step + 1) * args.batch_size]
+        batch = order[step * recipe.batch_size : (step + 1) * recipe.batch_size]
         batch = batch[ranks.rank :: ranks.world_size]
         batch_labels = labels[batch]
         loss, logits = train_step(
-            forward, images[batch], batch_labels, opt, args, augment_gen, amp_dtype, memory_format
+            forward, images[batch], batch_labels, opt, recipe, augment_gen, amp_dtype, memory_format
         )
         loss_sum += loss.detach() * len(batch)
         correct += (logits.argmax(1) == batch_labels).sum()
@@ -762,43 +833,43 @@ def validate(
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Train as the flags say; returns the model card (an empty dict on ranks other than 0)."""
     started = time.monotonic()
-    args = parse_args(argv)
+    recipe, run = parse_args(argv)
     commit = git_commit()  # of the code that runs, not of the checkout when the run ends
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    ranks, device = start_ranks(args.device)
-    if args.batch_size % ranks.world_size:
+    if run.threads:
+        torch.set_num_threads(run.threads)
+    ranks, device = start_ranks(run.device)
+    if recipe.batch_size % ranks.world_size:
         raise SystemExit(
-            f"error: --batch-size {args.batch_size} does not split over {ranks.world_size} "
+            f"error: --batch-size {recipe.batch_size} does not split over {ranks.world_size} "
             "processes: pass a multiple of --nproc_per_node"
         )
     say = print if ranks.is_main else lambda *_, **__: None
-    if args.epochs is None and args.time_budget is None:  # the device's default length
+    if recipe.epochs is None and recipe.time_budget is None:  # the device's default length
         if device.type == "cuda":
-            args.epochs = CUDA_DEFAULT_EPOCHS
+            recipe = replace(recipe, epochs=CUDA_DEFAULT_EPOCHS)
         else:
-            args.time_budget = parse_duration(CPU_DEFAULT_BUDGET)
-        say(f"length: {args.epochs or CPU_DEFAULT_BUDGET} (the default on {device.type})")
+            recipe = replace(recipe, time_budget=parse_duration(CPU_DEFAULT_BUDGET))
+        say(f"length: {recipe.epochs or CPU_DEFAULT_BUDGET} (the default on {device.type})")
     initial_state, parent_card = (
-        load_initial_weights(args.init_from, args) if args.init_from else (None, None)
+        load_initial_weights(recipe.init_from, recipe) if recipe.init_from else (None, None)
     )
-    amp_dtype = autocast_dtype(args.precision, device)
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    torch.manual_seed(args.seed)
-    checkpoint_path, log_path = args.run_dir / "checkpoint.pt", args.run_dir / "metrics.jsonl"
+    amp_dtype = autocast_dtype(recipe.precision, device)
+    memory_format = torch.channels_last if run.channels_last else torch.contiguous_format
+    torch.manual_seed(recipe.seed)
+    checkpoint_path, log_path = run.run_dir / "checkpoint.pt", run.run_dir / "metrics.jsonl"
 
     # Data: decoded once into a uint8 tensor cache, then kept whole on the training device.
-    dataset = load_data(*resolve_data(args), args.cache_dir)
+    dataset = load_data(*resolve_data(run), run.cache_dir)
     if parent_card is not None and list(parent_card["classes"]) != list(dataset.classes):
         raise SystemExit(
-            f"error: --init-from {args.init_from} was trained on classes {parent_card['classes']}"
+            f"error: --init-from {recipe.init_from} was trained on classes {parent_card['classes']}"
             f" but the data has {list(dataset.classes)}"
         )
-    train_idx, val_idx = stratified_split(dataset.labels, args.val_size, args.seed)
-    if args.limit:
-        train_idx = train_idx[: args.limit]
+    train_idx, val_idx = stratified_split(dataset.labels, recipe.val_size, recipe.seed)
+    if recipe.limit:
+        train_idx = train_idx[: recipe.limit]
     train_set: Dataset = dataset.subset(train_idx)
-    val_set: Dataset | None = dataset.subset(val_idx) if args.val_size else None
+    val_set: Dataset | None = dataset.subset(val_idx) if recipe.val_size else None
     train_data = (train_set.images.to(device), train_set.labels.to(device))
     num_classes = len(dataset.classes)
     say(
@@ -808,23 +879,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
 
     # Model (random or --init-from), EMA, optimiser, schedule.
-    model = resnet(args.depth, args.version, num_classes, args.shortcut)
+    model = resnet(recipe.depth, recipe.version, num_classes, recipe.shortcut)
     if initial_state is not None:
         model.load_state_dict(initial_state)
-        say(f"init: {args.init_from} (sha256 {parent_card['sha256'][:12]})")
+        say(f"init: {recipe.init_from} (sha256 {parent_card['sha256'][:12]})")
     model = model.to(device, memory_format=memory_format)
-    steps_per_epoch = math.ceil(len(train_set) / args.batch_size)
+    steps_per_epoch = math.ceil(len(train_set) / recipe.batch_size)
     # With a time budget the length is unknown until an epoch is measured: plan "very long"
     # (warm-up, then lr near the peak) and fit the plan after each epoch.
-    planned_epochs = args.epochs or 1_000_000
-    opt = build_optimization(model, args, steps_per_epoch, planned_epochs, device, amp_dtype)
+    planned_epochs = recipe.epochs or 1_000_000
+    opt = build_optimization(model, recipe, steps_per_epoch, planned_epochs, device, amp_dtype)
     # Explicit generators make shuffling and augmentation reproducible and resumable; the
     # permutation is shared by all ranks, the augmentation differs per rank.
-    shuffle_gen = torch.Generator().manual_seed(args.seed + 1)
-    augment_gen = torch.Generator(device=device).manual_seed(args.seed + 2 + 1000 * ranks.rank)
+    shuffle_gen = torch.Generator().manual_seed(recipe.seed + 1)
+    augment_gen = torch.Generator(device=device).manual_seed(recipe.seed + 2 + 1000 * ranks.rank)
 
     progress: dict[str, Any] = {"epoch": 0, "best": {"val_accuracy": -1.0}, "elapsed_seconds": 0.0}
-    if args.resume and checkpoint_path.is_file():
+    if run.resume and checkpoint_path.is_file():
         progress = load_checkpoint(
             checkpoint_path,
             model=model,
@@ -834,20 +905,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             rank=ranks.rank,
             device=device,
         )
-        planned_epochs = args.epochs or progress["planned_epochs"]
+        planned_epochs = recipe.epochs or progress["planned_epochs"]
         opt.schedule.total_steps = planned_epochs * steps_per_epoch
         started -= progress["wall_seconds"]  # a time budget covers the earlier processes too
         say(f"resumed from {checkpoint_path} after epoch {progress['epoch']}")
-    elif args.resume:
+    elif run.resume:
         say(f"--resume: no checkpoint at {checkpoint_path}, starting afresh")
-    budget = TimeBudget(args.time_budget, started) if args.time_budget else None
+    budget = TimeBudget(recipe.time_budget, started) if recipe.time_budget else None
     if ranks.is_main:
-        args.run_dir.mkdir(parents=True, exist_ok=True)
+        run.run_dir.mkdir(parents=True, exist_ok=True)
         keep_log_rows(log_path, up_to_epoch=progress["epoch"])
 
     # DDP averages the gradients over ranks (and broadcasts rank 0's weights at the start).
     trained = DistributedDataParallel(model) if ranks.world_size > 1 else model
-    forward = compile_for_training(trained, device) if args.compile else trained
+    forward = compile_for_training(trained, device) if run.compile else trained
 
     epoch = progress["epoch"]
     while epoch < planned_epochs:
@@ -857,8 +928,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         shown = planned_epochs if budget is None or epoch else "?"
         row = {"epoch": epoch + 1}
         row |= run_epoch(
-            forward, train_data, order, opt, args, augment_gen, amp_dtype, memory_format,
-            ranks, description=f"epoch {epoch + 1}/{shown}",
+            forward, train_data, order, opt, recipe, augment_gen, amp_dtype, memory_format,
+            ranks, description=None if run.no_progress or not ranks.is_main
+            else f"epoch {epoch + 1}/{shown}",
         )  # fmt: skip
         epoch += 1
         candidates = {"model": model} | ({"ema": opt.ema.module} if opt.ema else {})
@@ -871,7 +943,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             progress["elapsed_seconds"] += time.perf_counter() - epoch_start
             row["elapsed_seconds"] = progress["elapsed_seconds"]
             log_epoch(log_path, row)
-            progress["best"] = keep_if_best(row, candidates, progress["best"], args)
+            progress["best"] = keep_if_best(row, candidates, progress["best"], recipe, run.output)
             # A time budget fits the plan to the epochs measured so far, keeping the final
             # evaluation (fp32, plain and mirrored: about four validations) in reserve.
             if budget is not None:
@@ -906,10 +978,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         dist.destroy_process_group()
     if not ranks.is_main:
         return {}
-    args.epochs = epoch  # what ran, for the card (a time budget chose it)
+    recipe = replace(recipe, epochs=epoch)  # what ran, for the card (a time budget chose it)
     card = finish(
-        args, dataset, train_set, val_set, progress, log_path, device, amp_dtype, parent_card,
-        commit, wall_seconds=lambda: time.monotonic() - started,
+        recipe, run, dataset, train_set, val_set, progress, log_path, device, amp_dtype,
+        parent_card, commit, wall_seconds=lambda: time.monotonic() - started,
     )  # fmt: skip
     return card
 
@@ -937,12 +1009,13 @@ def keep_if_best(
     row: dict[str, Any],
     candidates: dict[str, nn.Module],
     best: dict[str, Any],
-    args: argparse.Namespace,
+    recipe: Recipe,
+    output: Path,
 ) -> dict[str, Any]:
     """Write the weights of the better candidate (model or EMA) when it beats `best` on
     validation accuracy; with no validation split, the latest model is the best known."""
     if "val_accuracy" not in row:
-        save_weights(candidates["model"], args.output, args)
+        save_weights(candidates["model"], output, recipe)
         return {"val_accuracy": -1.0, "epoch": row["epoch"], "weights": "model"}
     scores = {
         name: row[("" if name == "model" else "ema_") + "val_accuracy"] for name in candidates
@@ -950,12 +1023,13 @@ def keep_if_best(
     name = max(scores, key=lambda candidate: scores[candidate])
     if scores[name] <= best["val_accuracy"]:
         return best
-    save_weights(candidates[name], args.output, args)
+    save_weights(candidates[name], output, recipe)
     return {"val_accuracy": float(scores[name]), "epoch": row["epoch"], "weights": name}
 
 
 def finish(
-    args: argparse.Namespace,
+    recipe: Recipe,
+    run: RunOptions,
     dataset: Dataset,
     train_set: Dataset,
     val_set: Dataset | None,
@@ -969,11 +1043,11 @@ def finish(
 ) -> dict[str, Any]:
     """The kept weights' final fp32 figures (plain and mirrored), the curves and the card."""
     # Beside the weights, so the plot ships with them (the README shows it).
-    plot_curves(log_path, args.output.with_name(f"{args.output.stem}_training.png"))
+    plot_curves(log_path, run.output.with_name(f"{run.output.stem}_training.png"))
     from safetensors.torch import load_file
 
-    kept = resnet(args.depth, args.version, len(dataset.classes), args.shortcut)
-    kept.load_state_dict(load_file(args.output))
+    kept = resnet(recipe.depth, recipe.version, len(dataset.classes), recipe.shortcut)
+    kept.load_state_dict(load_file(run.output))
     evaluation = None
     if val_set is not None:
         evaluation = evaluate_model(kept, val_set.images, val_set.labels, device)
@@ -984,20 +1058,21 @@ def finish(
         )
     best = progress["best"]
     card = build_card(
-        args, dataset, train_set, val_set, kept, best, evaluation, progress["elapsed_seconds"],
+        recipe, run, dataset, train_set, val_set, kept, best, evaluation,
+        progress["elapsed_seconds"],
         wall_seconds(), device, amp_dtype, parent_card, commit,
     )  # fmt: skip
-    write_card(args.output, card)
+    write_card(run.output, card)
     print(
-        f"wrote {args.output} and {args.output.with_suffix('.json')}: "
-        f"{args.epochs} epochs, best epoch {best.get('epoch')} ({best.get('weights')}), "
+        f"wrote {run.output} and {run.output.with_suffix('.json')}: "
+        f"{recipe.epochs} epochs, best epoch {best.get('epoch')} ({best.get('weights')}), "
         f"validation accuracy {evaluation['accuracy'] if evaluation else 'n/a'}, "
         f"wall time {format_duration(wall_seconds())}"
     )
     return card
 
 
-def save_weights(model: nn.Module, path: Path, args: argparse.Namespace) -> None:
+def save_weights(model: nn.Module, path: Path, recipe: Recipe) -> None:
     """The service's file: fp32 contiguous tensors in safetensors (no pickle), atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {
@@ -1013,9 +1088,9 @@ def save_weights(model: nn.Module, path: Path, args: argparse.Namespace) -> None
         metadata={
             "architecture": json.dumps(
                 {
-                    "depth": args.depth,
-                    "version": args.version,
-                    "shortcut": args.shortcut,
+                    "depth": recipe.depth,
+                    "version": recipe.version,
+                    "shortcut": recipe.shortcut,
                 }
             ),
         },
@@ -1024,7 +1099,8 @@ def save_weights(model: nn.Module, path: Path, args: argparse.Namespace) -> None
 
 
 def build_card(
-    args: argparse.Namespace,
+    recipe: Recipe,
+    run: RunOptions,
     dataset: Dataset,
     train_set: Dataset,
     val_set: Dataset | None,
@@ -1038,30 +1114,16 @@ def build_card(
     parent_card: dict[str, Any] | None,
     commit: str,
 ) -> dict[str, Any]:
-    recipe = {
-        k: (str(v) if isinstance(v, Path) else v)
-        for k, v in vars(args).items()
-        if k
-        not in (
-            "data",
-            "output",
-            "run_dir",
-            "resume",
-            "cache_dir",
-            "no_progress",
-            "download",
-        )
-    }
     device_name = f"{device.type}: " + (
         torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     )
-    sha256 = sha256_of(args.output)
+    sha256 = sha256_of(run.output)
     this_cycle = {
         "sha256": sha256,
         "init": parent_card["sha256"] if parent_card else "random",
-        "epochs": args.epochs,
-        "peak_lr": args.lr,
-        "time_budget_seconds": args.time_budget,
+        "epochs": recipe.epochs,
+        "peak_lr": recipe.peak_lr,
+        "time_budget_seconds": recipe.time_budget,
         "wall_seconds": round(wall_seconds, 1),
         "device": device_name,
         "validation_accuracy": evaluation["accuracy"] if evaluation else None,
@@ -1072,14 +1134,14 @@ def build_card(
     }
     cycles = [*lineage_cycles(parent_card), this_cycle] if parent_card else [this_cycle]
     return {
-        "name": f"resnet{args.depth}",
+        "name": f"resnet{recipe.depth}",
         "architecture": {
             "family": "ResNet for CIFAR (He et al. 2015)"
-            if args.version == 1
+            if recipe.version == 1
             else "pre-activation ResNet (He et al. 2016)",
-            "depth": args.depth,
-            "version": args.version,
-            "shortcut": args.shortcut,
+            "depth": recipe.depth,
+            "version": recipe.version,
+            "shortcut": recipe.shortcut,
             "num_classes": len(dataset.classes),
             "input": [3, 32, 32],
         },
@@ -1090,19 +1152,19 @@ def build_card(
             "std": list(CIFAR10_STD),
             "rule": "RGB; resize short side to 32 (bicubic, antialiased); centre crop; normalise",
         },
-        "recipe": recipe,
+        "recipe": asdict(recipe),
         "data": {
-            "description": args.data_description,
+            "description": run.data_description,
             "source": dataset.source,
             "sha256": dataset.checksum,
             "images": len(dataset),
             "train_images": len(train_set),
             "validation_images": len(val_set) if val_set else 0,
-            "validation_split": f"stratified, seed {args.seed}"
+            "validation_split": f"stratified, seed {recipe.seed}"
             if val_set
             else "none (trained on all images)",
         },
-        "epochs": args.epochs,
+        "epochs": recipe.epochs,
         "best_epoch": best.get("epoch"),
         "best_weights": best.get("weights"),  # "model" or "ema"
         "validation": None
@@ -1126,9 +1188,9 @@ def build_card(
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": sys.version.split()[0],
-        "seed": args.seed,
+        "seed": recipe.seed,
         "git_commit": commit,
-        "weights_file": args.output.name,
+        "weights_file": run.output.name,
         "sha256": sha256,
     }
 

@@ -312,20 +312,20 @@ def run_log(out: Path) -> list[dict[str, float]]:
 def test_time_budget_fits_the_epochs_and_ends_at_lr_zero_inside_it(
     colour_tree: Path, tmp_path: Path
 ) -> None:
-    budget = 15.0
+    budget = 20.0
     started = time.monotonic()
     card = train.main(tiny_run(colour_tree, tmp_path, "--time-budget", f"{budget:.0f}s"))
     wall = time.monotonic() - started
     rows = run_log(tmp_path)
     assert wall <= budget  # the weights and card are written inside the budget
-    assert card["epochs"] == len(rows) == card["lineage"]["cycles"][-1]["epochs"] > 2
+    assert card["epochs"] == len(rows) == card["lineage"]["cycles"][-1]["epochs"] >= 3
     assert card["recipe"]["time_budget"] == budget
     assert rows[-1]["lr"] < 0.02 * card["recipe"]["lr"]  # annealed to (within a step of) zero
 
 
 def test_time_budget_holds_when_the_trainer_is_paused(colour_tree: Path, tmp_path: Path) -> None:
-    """SIGSTOP for a third of the budget: the plan shrinks, and the run still ends in time."""
-    budget, pause = 24.0, 8.0
+    """SIGSTOP for a quarter of the budget: the plan shrinks, and the run still ends in time."""
+    budget, pause = 40.0, 10.0
     process = subprocess.Popen(
         [sys.executable, "-m", "model.train",
          *tiny_run(colour_tree, tmp_path, "--time-budget", f"{budget:.0f}s")],
@@ -346,9 +346,10 @@ def test_time_budget_holds_when_the_trainer_is_paused(colour_tree: Path, tmp_pat
             process.kill()
             process.wait()
     assert process.returncode == 0, output[-2000:]
-    # Python starts before the budget's clock: allow it a few seconds.
-    assert time.monotonic() - started <= budget + 5
     card = json.loads((tmp_path / "weights" / "tiny.json").read_text())
+    # The budget's clock starts in main(), after Python has imported torch.
+    assert card["lineage"]["cycles"][-1]["wall_seconds"] <= budget
+    assert time.monotonic() - started <= budget + pause
     assert card["epochs"] == len(run_log(tmp_path))
     assert run_log(tmp_path)[-1]["lr"] < 0.02 * card["recipe"]["lr"]
     fitted = [line for line in output.splitlines() if "epochs fit" in line]
