@@ -148,6 +148,35 @@ def test_run_without_validation_keeps_the_last_epoch(colour_tree: Path, tmp_path
         assert torch.equal(state[name], tensor.float() if tensor.is_floating_point() else tensor)
 
 
+# --- Which weights are kept -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("model_score", "ema_score", "kept"), [(0.9, 0.8, "model"), (0.7, 0.8, "ema")]
+)
+def test_the_better_of_model_and_ema_is_written(
+    tmp_path: Path, model_score: float, ema_score: float, kept: str
+) -> None:
+    torch.manual_seed(0)
+    candidates = {"model": resnet(8, num_classes=4), "ema": resnet(8, num_classes=4)}
+    row = {"epoch": 3, "val_accuracy": model_score, "ema_val_accuracy": ema_score}
+    output = tmp_path / "kept.safetensors"
+    best = train.keep_if_best(row, candidates, {"val_accuracy": 0.5}, train.Recipe(depth=8), output)
+    assert best == {"val_accuracy": max(model_score, ema_score), "epoch": 3, "weights": kept}
+    written = load_file(output)
+    expected = candidates[kept].state_dict()
+    assert all(torch.equal(written[name], expected[name].float()) for name in written)
+
+
+def test_an_epoch_that_does_not_beat_the_best_writes_nothing(tmp_path: Path) -> None:
+    candidates = {"model": resnet(8, num_classes=4), "ema": resnet(8, num_classes=4)}
+    row = {"epoch": 4, "val_accuracy": 0.8, "ema_val_accuracy": 0.85}
+    best = {"val_accuracy": 0.85, "epoch": 2, "weights": "ema"}
+    output = tmp_path / "kept.safetensors"
+    assert train.keep_if_best(row, candidates, best, train.Recipe(depth=8), output) == best
+    assert not output.exists()
+
+
 # --- Resume --------------------------------------------------------------------------------
 
 
