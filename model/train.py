@@ -1,11 +1,15 @@
 """Train a CIFAR ResNet: `python -m model.train --data PATH`.
 
-The whole loop is in `main()`, top to bottom. The defaults are chosen for accuracy per
-hour of compute (see the README's training section for the reasoning and measurements):
+`main()` tells the run top to bottom; the steps it names (`run_epoch`, `validate`,
+`keep_if_best`, `save_checkpoint`, `finish`) follow it. `Recipe` holds everything that
+determines the weights, `RunOptions` the rest. The defaults are chosen for accuracy per
+hour of compute (the README's training section gives the reasoning and the measurements):
 SGD with Nesterov momentum, weight decay on conv/linear weights only, a cosine schedule
 with linear warm-up, label smoothing 0.1, an EMA of the weights evaluated alongside,
-bf16 autocast and channels_last on the CPU (AMX), fp16 + GradScaler on CUDA, and
-torch.compile (`--no-compile` runs eager).
+bf16 autocast and channels_last on the CPU, fp16 + GradScaler on CUDA, and torch.compile
+(`--no-compile` runs eager). The length is `--epochs`, or `--time-budget`, which fits the
+epoch count to the wall time; `--init-from` starts from existing weights; torchrun runs it
+on several processes (DistributedDataParallel).
 
 `--optimizer adam --schedule step --epochs 200 --label-smoothing 0 --ema-decay 0`
 reproduces the Keras CIFAR-10 ResNet example's recipe.
@@ -293,7 +297,7 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for `precision` on `device`; None means plain fp32."""
     if precision == "auto":
         if device.type == "cpu":
-            return torch.bfloat16  # AMX / AVX-512-BF16 roughly double the speed here
+            return torch.bfloat16  # AMX and AVX-512 BF16 run bf16 matmuls natively
         if device.type == "cuda":
             return torch.float16
         return None
@@ -303,10 +307,10 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 def compile_for_training(model: nn.Module, device: torch.device) -> nn.Module:
     """`model` wrapped by torch.compile (it shares the model's parameters).
 
-    On the 2-core Sapphire Rapids CPU this project was built on, compiled bf16 training runs
-    about 1.25x the eager step (benchmarks/train_throughput.py): Inductor fuses each BatchNorm
-    with its ReLU (and residual addition) into one pass over memory, and those memory-bound
-    passes are half of an eager step. Compiling ResNet56 takes a minute or two, once per run.
+    Why it pays (benchmarks/train_throughput.py measures by how much): Inductor fuses each
+    BatchNorm with its ReLU (and residual addition) into one pass over memory, and on the
+    CPU those memory-bound passes are a large part of an eager step. Compiling takes
+    minutes, once per process.
     dynamic=False: the shorter last batch of an epoch gets its own static graph instead of
     making the batch dimension symbolic for every step.
     """
