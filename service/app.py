@@ -92,7 +92,7 @@ def create_app(
     app.state.service = None
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     install_error_handlers(app)
-    app.include_router(predict_router)
+    app.include_router(predict_router(settings.max_files))
     app.include_router(health_router)
     app.include_router(v2_router)
     return app

@@ -21,7 +21,7 @@ from service.routes import get_service
 from service.runtime import Service
 from service.v2.inference import HEADER_LENGTH, infer
 from service.v2.schemas import (
-    ErrorResponse,
+    InferenceErrorResponse,
     InferenceRequest,
     InferenceResponse,
     ModelMetadata,
@@ -72,7 +72,7 @@ VersionDep = Annotated[Service, Depends(model_at_version)]
 
 
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    return {status: {"model": ErrorResponse} for status in statuses}
+    return {status: {"model": InferenceErrorResponse} for status in statuses}
 
 
 def _inline(model: type[BaseModel]) -> dict[str, Any]:

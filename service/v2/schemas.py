@@ -102,7 +102,7 @@ class InferenceResponse(BaseModel):
     outputs: list[ResponseOutput]
 
 
-class ErrorResponse(BaseModel):
+class InferenceErrorResponse(BaseModel):
     """$inference_error_response (and the metadata error objects), with this service's
     machine-readable `code` beside the protocol's `error` message."""
 
