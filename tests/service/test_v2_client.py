@@ -7,6 +7,7 @@ give exactly what /predict gives the same image (one engine, torch fp32, in both
 from __future__ import annotations
 
 import base64
+import gzip
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -319,3 +320,23 @@ def test_bad_binary_lengths_are_400(server: str, model: tuple[str, str]) -> None
     )
     assert response.status_code == 400
     assert "the shape and datatype need 3072" in response.json()["error"]
+
+
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_compressed_requests_are_undone_within_the_size_limit(
+    client: triton.InferenceServerClient, server: str, model: tuple[str, str], algorithm: str
+) -> None:
+    data = CAT.read_bytes()
+    result = client.infer(
+        model[0], [_bytes_input([data], binary=True)], request_compression_algorithm=algorithm
+    )
+    np.testing.assert_allclose(
+        result.as_numpy("probabilities")[0], _predict(server, data), atol=1e-5
+    )
+    # 3 MB of zeros compress to a few kB, but expand past max_upload_bytes (2 MB): refused.
+    bomb = gzip.compress(b"{" + b" " * 3_000_000 + b"}")
+    url = f"http://{server}/v2/models/{model[0]}/infer"
+    response = httpx.post(url, content=bomb, headers={"Content-Encoding": "gzip"})
+    assert response.status_code == 413 and "decompressed" in response.json()["error"]
+    response = httpx.post(url, content=b"{}", headers={"Content-Encoding": "br"})
+    assert response.status_code == 415
