@@ -27,7 +27,7 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
     `max_bytes`, so an oversized body is never buffered whole."""
     declared = request.headers.get("content-length", "")
     too_large = ApiError(413, "upload_too_large", f"the request body exceeds {max_bytes} bytes")
-    if declared.isdigit() and int(declared) > max_bytes:
+    if declared.isascii() and declared.isdigit() and int(declared) > max_bytes:
         raise too_large
     body = bytearray()
     try:

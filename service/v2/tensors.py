@@ -178,7 +178,7 @@ def _split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
     if header_length is None:
         return body, b""
     value = header_length.strip()
-    if not value.isdigit() or not 0 < int(value) <= len(body):
+    if not (value.isascii() and value.isdigit()) or not 0 < int(value) <= len(body):
         raise _bad(
             "invalid_header_length",
             f"Inference-Header-Content-Length is {header_length!r}; it must be the length in "

@@ -74,3 +74,13 @@ def test_no_server_error_and_every_answer_as_documented(
 ) -> None:
     uploads = [positive_data_acceptance] if case.path.startswith("/predict") else []
     case.call_and_validate(base_url=base_url, checks=CHECKS + uploads, timeout=30)
+
+
+def test_batch_upload_is_documented_as_1_to_max_files_images() -> None:
+    body = schema.raw_schema["paths"]["/predict/batch"]["post"]["requestBody"]
+    multipart = body["content"]["multipart/form-data"]
+    files = multipart["schema"]["properties"]["files"]
+    assert (files["minItems"], files["maxItems"]) == (1, LIMITS["max_files"])
+    assert files["items"]["minLength"] == 1
+    assert "image/png" in multipart["encoding"]["files"]["contentType"]
+    assert "image/jpeg" in multipart["encoding"]["files"]["contentType"]

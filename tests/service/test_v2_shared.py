@@ -11,8 +11,11 @@ from typing import Any
 
 import httpx
 import numpy as np
+import pytest
 
 from service.app import create_app
+from service.errors import ApiError
+from service.v2.tensors import decode_request
 from tests.service.support import gated_factory, metric, png, running, settings_for
 
 INFER = "/v2/models/resnet8/infer"
@@ -191,3 +194,10 @@ def test_json_pixels_out_of_range_and_wrong_types_are_400(weights_file: Path) ->
             assert app.state.service.pending == 0
 
     asyncio.run(scenario())
+
+
+def test_a_non_ascii_header_length_is_400_not_a_crash() -> None:
+    """'²' passes str.isdigit() but int() refuses it."""
+    with pytest.raises(ApiError) as caught:
+        decode_request(b"{}", "\u00b2", max_images=2, num_classes=10)
+    assert caught.value.status_code == 400
