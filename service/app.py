@@ -23,6 +23,7 @@ from service.metrics import Metrics
 from service.middleware import RequestContextMiddleware
 from service.routes import health_router, predict_router
 from service.runtime import Service
+from service.v2 import router as v2_router
 
 logger = logging.getLogger("service")
 
@@ -91,6 +92,7 @@ def create_app(
     app.state.service = None
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     install_error_handlers(app)
-    app.include_router(predict_router)
+    app.include_router(predict_router(settings.max_files))
     app.include_router(health_router)
+    app.include_router(v2_router)
     return app

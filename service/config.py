@@ -79,7 +79,9 @@ class Settings(BaseSettings):
         ge=1,
         description="Largest image (width x height, read from its header); beyond it 413.",
     )
-    max_files: int = Field(64, ge=1, description="Most files in one /predict/batch request.")
+    max_files: int = Field(
+        64, ge=1, description="Most files in one /predict/batch request, images in one /v2 request."
+    )
     mirror_tta: bool = Field(
         True,
         description="Average each image's logits with its mirror image's (two forward passes "

@@ -22,11 +22,21 @@ async def get_service(request: Request) -> Service:
 ServiceDep = Annotated[Service, Depends(get_service)]
 
 
-def _upload_body(field: str, many: bool) -> dict[str, Any]:
+# The formats service.images decodes, as media types; a part's own Content-Type is not
+# trusted (the format is read from the bytes), but clients and /docs learn what to send.
+IMAGE_MEDIA_TYPES = "image/png, image/jpeg, image/bmp, image/webp, image/gif, image/tiff"
+
+
+def _upload_body(field: str, max_files: int | None = None) -> dict[str, Any]:
     """OpenAPI for a multipart body; the routes read it themselves (see service.images), so
-    FastAPI cannot infer it, but /docs should still offer a file picker."""
-    binary = {"type": "string", "format": "binary"}
-    schema = {"type": "array", "items": binary} if many else binary
+    FastAPI cannot infer it, but /docs should still offer a file picker. With `max_files`,
+    the field repeats: at least one file and at most `max_files`, as the route enforces."""
+    binary = {"type": "string", "format": "binary", "minLength": 1}  # empty files: 400
+    schema: dict[str, Any] = (
+        binary
+        if max_files is None
+        else {"type": "array", "items": binary, "minItems": 1, "maxItems": max_files}
+    )
     return {
         "requestBody": {
             "required": True,
@@ -36,7 +46,8 @@ def _upload_body(field: str, many: bool) -> dict[str, Any]:
                         "type": "object",
                         "properties": {field: schema},
                         "required": [field],
-                    }
+                    },
+                    "encoding": {field: {"contentType": IMAGE_MEDIA_TYPES}},
                 }
             },
         }
@@ -49,17 +60,9 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 _PREDICT_ERRORS = _errors(400, 413, 415, 422, 429, 500, 503, 504)
 
-predict_router = APIRouter(tags=["predict"])
 health_router = APIRouter(tags=["health"])
 
 
-@predict_router.post(
-    "/predict",
-    response_model=Prediction,
-    summary="Classify one image",
-    responses=_PREDICT_ERRORS,
-    openapi_extra=_upload_body("file", many=False),
-)
 async def predict(request: Request, service: ServiceDep) -> Prediction:
     """Multipart field `file`: PNG, JPEG, BMP, WebP, GIF (first frame) or TIFF, any mode and
     size (resized on the short side to 32 px, antialiased, then centre-cropped)."""
@@ -67,13 +70,6 @@ async def predict(request: Request, service: ServiceDep) -> Prediction:
     return prediction
 
 
-@predict_router.post(
-    "/predict/batch",
-    response_model=BatchPrediction,
-    summary="Classify several images",
-    responses=_PREDICT_ERRORS,
-    openapi_extra=_upload_body("files", many=True),
-)
 async def predict_batch(request: Request, service: ServiceDep) -> BatchPrediction:
     """Repeated multipart field `files` (at most max_files). Answers in upload order. One bad
     file refuses the whole request, with its index in the message (`files[2]: ...`)."""
@@ -81,6 +77,31 @@ async def predict_batch(request: Request, service: ServiceDep) -> BatchPredictio
         request, field="files", max_files=service.settings.max_files
     )
     return BatchPrediction(predictions=predictions)
+
+
+def predict_router(max_files: int) -> APIRouter:
+    """/predict and /predict/batch, built per app so that the OpenAPI document states the
+    app's own max_files."""
+    router = APIRouter(tags=["predict"])
+    router.add_api_route(
+        "/predict",
+        predict,
+        methods=["POST"],
+        response_model=Prediction,
+        summary="Classify one image",
+        responses=_PREDICT_ERRORS,
+        openapi_extra=_upload_body("file"),
+    )
+    router.add_api_route(
+        "/predict/batch",
+        predict_batch,
+        methods=["POST"],
+        response_model=BatchPrediction,
+        summary="Classify several images",
+        responses=_PREDICT_ERRORS,
+        openapi_extra=_upload_body("files", max_files=max_files),
+    )
+    return router
 
 
 @health_router.get(

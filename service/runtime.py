@@ -2,10 +2,14 @@
 
 One request's path, all bounded in memory and time:
   admit (503 while draining, 429 when queue_size images are already in the system)
-  -> read the multipart body (413 past max_upload_bytes, while reading)
+  -> read the body (413 past max_upload_bytes, while reading)
   -> decode on the decode threads (4xx for anything wrong with the bytes)
   -> queue each image for the batcher -> wait for the answers, the deadline (504) or the
      client leaving (its images are then dropped before they enter a batch).
+
+`/predict` and the Open Inference Protocol routes (service.v2) both walk this path through
+the same steps (`admitted`, `admit_more`, `decode`, `preprocess`, `infer`), so they share
+one queue limit, one batcher, the deadlines, the drain and the metrics.
 """
 
 from __future__ import annotations
@@ -16,8 +20,9 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
+import torch
 from starlette.requests import Request
 
 from model.preprocessing import CIFAR10_CLASSES
@@ -37,6 +42,7 @@ from service.metrics import Metrics
 from service.schemas import ImageInfo, Prediction, Timings
 
 State = Literal["starting", "ready", "draining"]
+T = TypeVar("T")
 
 # Seconds a client is told to wait after a 429/503; a batch takes milliseconds, so a
 # second is enough for the queue to have moved on.
@@ -60,11 +66,13 @@ async def _client_gone(request: Request) -> None:
 
 
 @dataclass
-class _Ticket:
-    """One request's places in the service: images admitted, and how many are queued."""
+class Ticket:
+    """One request's places in the service: images admitted, how many are queued, and its
+    deadline (a time.perf_counter() value)."""
 
     images: int = 1
     queued: int = 0
+    deadline: float = 0.0
 
 
 class Service:
@@ -115,7 +123,7 @@ class Service:
         """Images admitted and not yet answered."""
         return self._pending
 
-    def _admit(self, ticket: _Ticket, images: int) -> None:
+    def _admit(self, ticket: Ticket, images: int) -> None:
         if self.state != "ready":
             raise _shutting_down()
         if self._pending + images > self.settings.queue_size:
@@ -132,7 +140,7 @@ class Service:
         self._idle.clear()
         self.metrics.pending.set(self._pending)
 
-    def _release(self, ticket: _Ticket) -> None:
+    def _release(self, ticket: Ticket) -> None:
         self._pending -= ticket.images
         self._incoming -= ticket.images - ticket.queued
         self.metrics.pending.set(self._pending)
@@ -140,10 +148,10 @@ class Service:
             self._idle.set()
 
     @asynccontextmanager
-    async def _admission(self) -> AsyncIterator[_Ticket]:
+    async def _admission(self) -> AsyncIterator[Ticket]:
         """Hold one image's place for the request, more once it is known to carry more;
         checked before the body is read, so an overloaded service reads no uploads."""
-        ticket = _Ticket(images=0)
+        ticket = Ticket(images=0)
         self._admit(ticket, 1)
         try:
             yield ticket
@@ -162,58 +170,78 @@ class Service:
 
     # --- one request --------------------------------------------------------------------
 
-    async def predict(self, request: Request, *, field: str, max_files: int) -> list[Prediction]:
-        """Everything between the route and the batcher for /predict and /predict/batch."""
+    @asynccontextmanager
+    async def admitted(self) -> AsyncIterator[Ticket]:
+        """One request's stay: one image's place (more with `admit_more`), one deadline for
+        reading, decoding, queueing and inference (ApiError 504 once it passes), and every
+        place released at the end, whatever happened. ApiError 503 while draining, 429 when
+        the queue limit is reached."""
         async with self._admission() as ticket:
-            # One deadline for the whole request: reading, decoding, queueing, inference.
-            deadline = time.perf_counter() + self.settings.request_timeout_s
+            ticket.deadline = time.perf_counter() + self.settings.request_timeout_s
             try:
                 async with asyncio.timeout(self.settings.request_timeout_s):
-                    uploads = await read_uploads(
-                        request,
-                        field=field,
-                        max_files=max_files,
-                        max_bytes=self.settings.max_upload_bytes,
-                    )
-                    if len(uploads) > 1:
-                        self._admit(ticket, len(uploads) - 1)
-                    images = await self._decode(uploads)
-                    results = await self._infer(request, images, ticket, deadline)
+                    yield ticket
             except TimeoutError:
                 raise ApiError(
                     504,
                     "timeout",
                     f"no answer within the {self.settings.request_timeout_s} s deadline",
                 ) from None
+
+    def admit_more(self, ticket: Ticket, images: int) -> None:
+        """Hold places for `images` more images of an admitted request (429 past the limit)."""
+        if images > 0:
+            self._admit(ticket, images)
+
+    async def predict(self, request: Request, *, field: str, max_files: int) -> list[Prediction]:
+        """Everything between the route and the batcher for /predict and /predict/batch."""
+        async with self.admitted() as ticket:
+            uploads = await read_uploads(
+                request,
+                field=field,
+                max_files=max_files,
+                max_bytes=self.settings.max_upload_bytes,
+            )
+            self.admit_more(ticket, len(uploads) - 1)
+            images = await self.decode(uploads, name="files")
+            results = await self.infer(request, [image.pixels for image in images], ticket)
         return [
             self._prediction(image, result) for image, result in zip(images, results, strict=True)
         ]
 
-    async def _decode(self, uploads: list[Upload]) -> list[DecodedImage]:
-        """Decode on the decode thread, all files of a request in one hand-over (each
-        hand-over between the event loop and a thread costs a round trip of the GIL)."""
+    async def preprocess(self, function: Callable[..., T], *args: Any) -> T:
+        """Run CPU-heavy request work (decoding, parsing big JSON bodies) on the decode
+        threads, off the event loop."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._decoder, self._decode_all, uploads)
+        return await loop.run_in_executor(self._decoder, function, *args)
 
-    def _decode_all(self, uploads: list[Upload]) -> list[DecodedImage]:
+    async def decode(self, uploads: list[Upload], *, name: str) -> list[DecodedImage]:
+        """Decode on the decode thread, all files of a request in one hand-over (each
+        hand-over between the event loop and a thread costs a round trip of the GIL).
+        With several files, an error names the culprit as `name[index]: ...`."""
+        return await self.preprocess(self._decode_all, uploads, name)
+
+    def _decode_all(self, uploads: list[Upload], name: str) -> list[DecodedImage]:
         images = []
         for index, upload in enumerate(uploads):
             try:
                 images.append(decode_image(upload, self.settings.max_pixels))
             except ApiError as error:
                 if len(uploads) > 1:  # name the culprit; the whole request is refused
-                    error.message = f"files[{index}]: {error.message}"
+                    error.message = f"{name}[{index}]: {error.message}"
                 raise
         return images
 
-    async def _infer(
-        self, request: Request, images: list[DecodedImage], ticket: _Ticket, deadline: float
+    async def infer(
+        self, request: Request, pixels: list[torch.Tensor], ticket: Ticket
     ) -> list[Result]:
-        """Queue the images, then wait for their answers or for the client to leave."""
+        """Queue the images (uint8 (3, 32, 32) each), then wait for their answers or for the
+        client to leave. ApiError 429 (queue full), 504 (deadline passed in the queue), 499
+        (client gone), 500 (the batch failed), 503 (shutting down)."""
         futures: list[asyncio.Future[Result]] = []
         try:
-            for image in images:
-                futures.append(self.batcher.submit(image.pixels, deadline))
+            for image in pixels:
+                futures.append(self.batcher.submit(image, ticket.deadline))
                 ticket.queued += 1
                 self._incoming -= 1
             answers = asyncio.gather(*futures)
