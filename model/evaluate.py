@@ -37,7 +37,8 @@ def evaluate_model(
     """Loss, accuracy, per-class accuracy and confusion matrix of `model` on uint8 images."""
     was_training = model.training
     model.eval()
-    num_classes = int(model.fc.out_features) if hasattr(model, "fc") else int(labels.max()) + 1
+    head = getattr(model, "fc", None)
+    num_classes = head.out_features if isinstance(head, nn.Linear) else int(labels.max()) + 1
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
     loss_sum = 0.0
     autocast = (
@@ -86,7 +87,7 @@ def plot_confusion(confusion: list[list[int]], classes: list[str], path: Path, t
                 axis.text(
                     j,
                     i,
-                    value,
+                    str(value),
                     ha="center",
                     va="center",
                     fontsize=7,

@@ -37,7 +37,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.distributed as dist
@@ -51,7 +51,7 @@ from tqdm import tqdm
 from model.data import Dataset, augment, load_dataset, stratified_split
 from model.evaluate import evaluate_model
 from model.preprocessing import CIFAR10_MEAN, CIFAR10_STD, normalize
-from model.resnet import count_parameters, resnet
+from model.resnet import Shortcut, count_parameters, resnet
 from model.weights import WeightsError, load_checked, sha256_of, write_card
 
 T = TypeVar("T")
@@ -75,7 +75,7 @@ class Recipe:
     # Architecture (model/resnet.py)
     depth: int = 56  # 6n+2 for v1, 9n+2 for v2
     version: int = 1  # 1: He et al. 2015; 2: pre-activation, He et al. 2016
-    shortcut: str = "projection"  # or "padding" (the paper's option A)
+    shortcut: Shortcut = "projection"  # or "padding" (the paper's option A)
     # Data
     val_size: int = 5000  # stratified validation images held out (0: none)
     limit: int = 0  # train on only this many images (0: all)
@@ -322,7 +322,7 @@ def compile_for_training(model: nn.Module, device: torch.device) -> nn.Module:
                 f"error: torch.compile on the CPU needs a C++ compiler and {compiler!r} is not "
                 "installed: install one (e.g. apt install g++) or train with --no-compile"
             )
-    return torch.compile(model, dynamic=False)
+    return cast(nn.Module, torch.compile(model, dynamic=False))
 
 
 # --- Optimiser and schedule ------------------------------------------------------------------
@@ -333,7 +333,8 @@ def parameter_groups(
 ) -> list[dict[str, Any]]:
     """Decay conv and linear weights only: decaying BN scales and biases only hurts
     (Goyal et al. 2017, "Accurate, Large Minibatch SGD", §5.1; also used by timm)."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for parameter in model.parameters():
         (decay if parameter.ndim > 1 or decay_all else no_decay).append(parameter)
     return [
@@ -855,7 +856,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             recipe = replace(recipe, time_budget=parse_duration(CPU_DEFAULT_BUDGET))
         say(f"length: {recipe.epochs or CPU_DEFAULT_BUDGET} (the default on {device.type})")
     initial_state, parent_card = (
-        load_initial_weights(recipe.init_from, recipe) if recipe.init_from else (None, None)
+        load_initial_weights(Path(recipe.init_from), recipe) if recipe.init_from else (None, None)
     )
     amp_dtype = autocast_dtype(recipe.precision, device)
     memory_format = torch.channels_last if run.channels_last else torch.contiguous_format
@@ -884,10 +885,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # Model (random or --init-from), EMA, optimiser, schedule.
     model = resnet(recipe.depth, recipe.version, num_classes, recipe.shortcut)
-    if initial_state is not None:
+    if initial_state is not None and parent_card is not None:
         model.load_state_dict(initial_state)
         say(f"init: {recipe.init_from} (sha256 {parent_card['sha256'][:12]})")
-    model = model.to(device, memory_format=memory_format)
+    model = model.to(device).to(memory_format=memory_format)
     steps_per_epoch = math.ceil(len(train_set) / recipe.batch_size)
     # With a time budget the length is unknown until an epoch is measured: plan "very long"
     # (warm-up, then lr near the peak) and fit the plan after each epoch.
