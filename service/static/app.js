@@ -48,6 +48,8 @@ const MESSAGES = {
   not_found: () =>
     "The service has no such address: this page does not match its API version. Reload it.",
   method_not_allowed: () => "The service refused the request method. Reload the page.",
+  unsupported_media_type: () =>
+    "The service does not take uploads of this content type. Reload the page.",
 };
 
 const $ = (id) => document.getElementById(id);
