@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from functools import partial
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
 from model.weights import load_checked
 from service.config import Settings
@@ -24,6 +25,7 @@ from service.middleware import RequestContextMiddleware
 from service.routes import health_router, predict_router
 from service.runtime import Service
 from service.v2 import router as v2_router
+from service.web import mount_page
 
 logger = logging.getLogger("service")
 
@@ -90,9 +92,24 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.service = None
+    if settings.cors_origins:
+        # Every path, so routes added later (/v2/...) are covered too. Added before the
+        # request-context middleware, which therefore wraps it: preflights are logged and
+        # counted like any request. No credentials: the API takes no cookies.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["*"],
+            # Not CORS-safelisted, so a front-end could not read them otherwise: the 429
+            # back-off and the id to quote in a bug report.
+            expose_headers=["Retry-After", "X-Request-ID"],
+            max_age=600,
+        )
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     install_error_handlers(app)
     app.include_router(predict_router(settings.max_files))
     app.include_router(health_router)
     app.include_router(v2_router)
+    mount_page(app)
     return app

@@ -7,11 +7,12 @@ Every field can be set as an environment variable with the `SERVICE_` prefix
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # The folder above service/, so the default weights path works from a checkout and from the
 # container alike, whatever the working directory.
@@ -20,6 +21,9 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 EngineName = Literal["auto", "torch", "onnxruntime", "openvino"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 LogLevel = Literal["debug", "info", "warning", "error"]
+
+# What a browser sends in its Origin header (RFC 6454): scheme://host[:port], nothing after.
+_ORIGIN = re.compile(r"^[a-z][a-z0-9+.-]*://[^/?#\sA-Z]+$")
 
 
 class Settings(BaseSettings):
@@ -105,3 +109,33 @@ class Settings(BaseSettings):
         30.0, gt=0, description="Longest wait for accepted requests to finish on SIGTERM."
     )
     log_level: LogLevel = Field("info", description="Log level for the service and uvicorn.")
+    # NoDecode: the environment variable is read as comma-separated text, like the flag
+    # (pydantic-settings would otherwise expect JSON for a list).
+    cors_origins: Annotated[tuple[str, ...], NoDecode] = Field(
+        (),
+        description="Origins (scheme://host[:port], comma-separated, or * for any) whose "
+        "pages may call the API from a browser (CORS); empty: only the service's own page.",
+    )
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        # A repeated flag arrives joined with commas too.
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _check_origins(cls, origins: tuple[str, ...]) -> tuple[str, ...]:
+        # The browser's Origin header is compared as an exact string, so a trailing slash
+        # or a path would silently match nothing: refuse it instead.
+        for origin in origins:
+            if origin != "*" and not _ORIGIN.match(origin):
+                raise ValueError(
+                    f"{origin!r} is not an origin; write scheme://host[:port] in lower case, "
+                    "with no path or trailing slash (e.g. https://app.example.com), or *"
+                )
+        if "*" in origins and len(origins) > 1:
+            raise ValueError("* already allows every origin; list no other origin beside it")
+        return origins
