@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from python_multipart.exceptions import FormParserError
-from python_multipart.multipart import MultipartParser, parse_options_header
+from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
 from model.preprocessing import image_to_tensor
@@ -160,6 +160,17 @@ async def read_uploads(
         ) from None
     except ClientDisconnect:
         raise ApiError(499, "client_closed_request", "the client closed the connection") from None
+    if parser.state != MultipartState.END:
+        # The body stopped early: no opening boundary, inside a part's headers, or a part
+        # never closed. The parser raises only for bytes it cannot read, not for an end it
+        # did not reach, and an unclosed part's data never reaches on_part_end: without
+        # this check a file that was sent would be reported as missing.
+        raise ApiError(
+            400,
+            "invalid_multipart",
+            "the multipart body ends before its closing boundary "
+            f"'--{boundary.decode('latin-1')}--'; send the whole body",
+        )
     if not collector.uploads:
         raise ApiError(400, "missing_file", f"no file in multipart field {field!r}")
     return collector.uploads
