@@ -20,7 +20,7 @@ from service.config import Settings
 from service.engines import Engine, EngineOptions, create_engine
 from service.errors import install_error_handlers
 from service.metrics import Metrics
-from service.middleware import RequestContextMiddleware
+from service.middleware import HeadAsGetMiddleware, RequestContextMiddleware
 from service.routes import health_router, predict_router
 from service.runtime import Service
 
@@ -89,6 +89,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.service = None
+    app.add_middleware(HeadAsGetMiddleware)  # added first: inside the request context
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     install_error_handlers(app)
     app.include_router(predict_router)
