@@ -9,6 +9,8 @@ The rule for an arbitrary image (documented in the README):
    own conversion.
 2. The shorter side is resized to 32 pixels with an antialiased bicubic filter, keeping
    the aspect ratio; then the centre 32x32 square is cropped. A 32x32 image is untouched.
+   Beyond an aspect ratio of 64:1 only the region that maps onto the 32x32 output is
+   resampled (see `resize_and_crop`), so a 1x100,000 image costs what a small one does.
 3. The uint8 pixels are scaled to [0, 1] and normalised with the CIFAR-10 channel means
    and standard deviations below (done on whole batches, on the model's device).
 
@@ -18,6 +20,7 @@ the one augmentation that training applies to every image with probability 1/2.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -69,18 +72,62 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+# Above this many pixels the resized-but-uncropped image of rule 2 is not built: only an
+# extreme aspect ratio gets there (a 1x100,000 image would need 32x3,200,000 pixels).
+# 65,536 is a 32x2048 strip, i.e. aspect ratios up to 64:1 take the plain path.
+_FULL_RESIZE_LIMIT = 32 * 2048
+# Pillow's bicubic kernel reaches 2 samples either side, scaled by the step when shrinking.
+_BICUBIC_SUPPORT = 2.0
+
+
 def resize_and_crop(image: Image.Image, size: int = IMAGE_SIZE) -> Image.Image:
-    """Resize the short side to `size` (antialiased bicubic), then centre-crop (rule 2)."""
+    """Resize the short side to `size` (antialiased bicubic), then centre-crop (rule 2).
+
+    Work and memory stay proportional to the input, whatever its aspect ratio. Up to an
+    aspect ratio of 64:1 this is literally rule 2: Pillow's resize, then the crop. Beyond,
+    the resized image would be huge (32 x 3.2 million pixels for a 1x100,000 image), so
+    the crop comes first: the source region that the centre window reads (the window
+    mapped back onto the source, plus the filter's reach) is cut out and resampled straight
+    onto the window, with the same filter, scale and sample positions (Pillow's `box`).
+    That is the same operation; it differs from rule 2 only in rounding (Pillow keeps a
+    box in float32 and rounds its two passes to 8 bits in its own order): at most 2 levels
+    on the smooth pictures of tests/model/test_preprocessing.py, which checks both paths.
+
+    Args:
+        image: any size; resampled in its own mode (`image_to_tensor` passes RGB).
+        size: the side of the square output, in pixels.
+
+    Returns:
+        A `size` x `size` image of the same mode.
+    """
     width, height = image.size
     if (width, height) == (size, size):
         return image
     scale = size / min(width, height)
     new_width = max(size, round(width * scale))
     new_height = max(size, round(height * scale))
-    image = image.resize((new_width, new_height), Image.Resampling.BICUBIC, reducing_gap=None)
     left = (new_width - size) // 2
     top = (new_height - size) // 2
-    return image.crop((left, top, left + size, top + size))
+    if new_width * new_height <= _FULL_RESIZE_LIMIT:
+        image = image.resize((new_width, new_height), Image.Resampling.BICUBIC, reducing_gap=None)
+        return image.crop((left, top, left + size, top + size))
+    # The output window in source coordinates (the sample positions of rule 2)...
+    step_x, step_y = width / new_width, height / new_height
+    x0, x1 = left * step_x, (left + size) * step_x
+    y0, y1 = top * step_y, (top + size) * step_y
+    # ...and every source pixel its samples read (one pixel of margin for rounding).
+    reach_x = _BICUBIC_SUPPORT * max(step_x, 1.0) + 1
+    reach_y = _BICUBIC_SUPPORT * max(step_y, 1.0) + 1
+    region = (
+        max(0, math.floor(x0 - reach_x)),
+        max(0, math.floor(y0 - reach_y)),
+        min(width, math.ceil(x1 + reach_x)),
+        min(height, math.ceil(y1 + reach_y)),
+    )
+    box = (x0 - region[0], y0 - region[1], x1 - region[0], y1 - region[1])
+    return image.crop(region).resize(
+        (size, size), Image.Resampling.BICUBIC, box=box, reducing_gap=None
+    )
 
 
 def image_to_tensor(image: Image.Image) -> torch.Tensor:

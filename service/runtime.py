@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Literal
@@ -30,9 +29,10 @@ from service.batcher import (
     Result,
 )
 from service.config import Settings
+from service.decoding import DecodePool
 from service.engines.base import Engine
 from service.errors import ApiError
-from service.images import DecodedImage, Upload, decode_image, read_uploads
+from service.images import DecodedImage, read_uploads
 from service.metrics import Metrics
 from service.schemas import ImageInfo, Prediction, Timings
 
@@ -84,9 +84,9 @@ class Service:
             more_coming=lambda: self._incoming > 0,
             mirror_tta=settings.mirror_tta,
         )
-        # Decoding gets its own small pool: off the event loop, and too few threads to
-        # starve the inference thread of cores.
-        self._decoder = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
+        # Decoding gets its own small pool: off the event loop, too few threads to starve
+        # the inference thread of cores, and shared image by image between requests.
+        self._decoder = DecodePool(settings.decode_threads, settings.max_pixels)
         self.state: State = "starting"
         self.model_name = self.model_version = ""
         self.classes: tuple[str, ...] = CIFAR10_CLASSES
@@ -106,7 +106,7 @@ class Service:
 
     async def stop(self) -> None:
         await self.batcher.stop()
-        self._decoder.shutdown(wait=True, cancel_futures=True)
+        self._decoder.shutdown()
 
     # --- admission and draining -------------------------------------------------------
 
@@ -177,7 +177,7 @@ class Service:
                     )
                     if len(uploads) > 1:
                         self._admit(ticket, len(uploads) - 1)
-                    images = await self._decode(uploads)
+                    images = await self._decoder.decode(uploads, deadline)
                     results = await self._infer(request, images, ticket, deadline)
             except TimeoutError:
                 raise ApiError(
@@ -188,23 +188,6 @@ class Service:
         return [
             self._prediction(image, result) for image, result in zip(images, results, strict=True)
         ]
-
-    async def _decode(self, uploads: list[Upload]) -> list[DecodedImage]:
-        """Decode on the decode thread, all files of a request in one hand-over (each
-        hand-over between the event loop and a thread costs a round trip of the GIL)."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._decoder, self._decode_all, uploads)
-
-    def _decode_all(self, uploads: list[Upload]) -> list[DecodedImage]:
-        images = []
-        for index, upload in enumerate(uploads):
-            try:
-                images.append(decode_image(upload, self.settings.max_pixels))
-            except ApiError as error:
-                if len(uploads) > 1:  # name the culprit; the whole request is refused
-                    error.message = f"files[{index}]: {error.message}"
-                raise
-        return images
 
     async def _infer(
         self, request: Request, images: list[DecodedImage], ticket: _Ticket, deadline: float
