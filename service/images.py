@@ -6,9 +6,10 @@ buffered whole. Files stay in memory: the size limit bounds them, and no tempora
 or thread hops are needed.
 
 Decoding opens the image lazily (Pillow reads only the header), refuses too many pixels
-before any pixel is decoded (decompression bombs), then decodes the first frame, applies
-the EXIF orientation and hands it to `model.preprocessing.image_to_tensor`, the same code
-training uses. It is plain blocking code: the routes run it in the decode executor.
+before any pixel is decoded (decompression bombs), then decodes the first frame to RGB
+(`model.preprocessing.to_rgb`: transparency over white), applies the EXIF orientation and
+hands it to `model.preprocessing.image_to_tensor`, the same code training uses. It is
+plain blocking code: service.decoding runs it on the decode threads.
 """
 
 from __future__ import annotations
@@ -19,12 +20,12 @@ import time
 from dataclasses import dataclass
 
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
-from model.preprocessing import image_to_tensor
+from model.preprocessing import image_to_tensor, to_rgb
 from service.errors import ApiError
 
 logger = logging.getLogger("service")
@@ -194,6 +195,30 @@ def _unidentified(data: bytes) -> ApiError:
     )
 
 
+# EXIF orientation (tag 0x0112) -> the transpose that makes the pixels upright (EXIF 2.32,
+# section 4.6.4; the same table as PIL.ImageOps.exif_transpose).
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_ORIENTATION = 0x0112
+
+
+def _orientation(image: Image.Image) -> int:
+    """The EXIF (or XMP) orientation, 1 (upright) when there is none or it is unreadable:
+    metadata never makes an image unreadable, so a broken EXIF block means no rotation."""
+    try:
+        return int(image.getexif().get(_ORIENTATION, 1))
+    except Exception as error:  # Pillow's EXIF and XMP parsers raise many types
+        logger.debug("unreadable EXIF ignored: %r", error)
+        return 1
+
+
 def decode_image(upload: Upload, max_pixels: int) -> DecodedImage:
     """Upload bytes -> uint8 (3, 32, 32) tensor by the documented preprocessing rule."""
     started = time.perf_counter()
@@ -220,9 +245,11 @@ def decode_image(upload: Upload, max_pixels: int) -> DecodedImage:
         if width == 0 or height == 0:
             raise ApiError(422, "corrupt_image", f"the image is {width}x{height} pixels")
         try:
-            image.load()  # the first frame of animations and multi-page TIFFs
-            ImageOps.exif_transpose(image, in_place=True)  # phones store rotated pixels
-            pixels = image_to_tensor(image)
+            # to_rgb decodes the first frame (of animations and multi-page TIFFs) itself:
+            # a PNG colour key is matched at the file's bit depth before Pillow reduces it.
+            rgb = to_rgb(image)
+            method = _TRANSPOSE.get(_orientation(image))  # phones store rotated pixels
+            pixels = image_to_tensor(rgb if method is None else rgb.transpose(method))
         except Image.DecompressionBombError as error:
             raise ApiError(413, "too_many_pixels", str(error)) from None
         except Exception as error:
