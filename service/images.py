@@ -19,6 +19,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from python_multipart.exceptions import FormParserError
@@ -26,6 +27,15 @@ from python_multipart.multipart import MultipartParser, MultipartState, parse_op
 from starlette.requests import ClientDisconnect, Request
 
 from model.preprocessing import image_to_tensor, to_rgb
+from service.containers import (
+    JPEG_EOI,
+    JPEG_SOI,
+    PNG_SIGNATURE,
+    jpeg_pixels_only,
+    jpeg_scans_cover_the_image,
+    png_pixels_only,
+    png_without_text,
+)
 from service.errors import ApiError
 
 logger = logging.getLogger("service")
@@ -219,51 +229,131 @@ def _orientation(image: Image.Image) -> int:
         return 1
 
 
-def decode_image(upload: Upload, max_pixels: int) -> DecodedImage:
-    """Upload bytes -> uint8 (3, 32, 32) tensor by the documented preprocessing rule."""
-    started = time.perf_counter()
-    if not upload.data:
-        raise ApiError(400, "empty_file", "the file is empty")
+def _too_many_pixels(width: int, height: int, max_pixels: int) -> ApiError:
+    return ApiError(
+        413,
+        "too_many_pixels",
+        f"the image has {width}x{height} = {width * height} pixels; the limit is {max_pixels}",
+    )
+
+
+def _decode_rgb(data: bytes, max_pixels: int) -> tuple[Image.Image, str, str, int, int]:
+    """Bytes -> the first frame as upright RGB (transparency over white, EXIF orientation
+    applied), with the format, mode and size as uploaded. ApiError for anything wrong."""
     try:
-        image = Image.open(io.BytesIO(upload.data), formats=ACCEPTED_FORMATS)
+        image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
     except UnidentifiedImageError:
-        raise _unidentified(upload.data) from None
+        raise _unidentified(data) from None
     except Image.DecompressionBombError as error:
         raise ApiError(413, "too_many_pixels", str(error)) from None
     except Exception as error:  # plugins raise many types for a bad header; see below
         raise ApiError(422, "corrupt_image", f"the image header is unreadable: {error}") from None
-    with image:
-        width, height = image.size
-        fmt, mode = image.format or "unknown", image.mode
-        if width * height > max_pixels:
+    # No `with image:` (it would close the image that to_rgb may return as it is); the
+    # BytesIO behind it holds no OS resource.
+    width, height = image.size
+    fmt, mode = image.format or "unknown", image.mode
+    if width * height > max_pixels:
+        raise _too_many_pixels(width, height, max_pixels)
+    if width == 0 or height == 0:
+        raise ApiError(422, "corrupt_image", f"the image is {width}x{height} pixels")
+    try:
+        # to_rgb decodes the first frame (of animations and multi-page TIFFs) itself:
+        # a PNG colour key is matched at the file's bit depth before Pillow reduces it.
+        rgb = to_rgb(image)
+        method = _TRANSPOSE.get(_orientation(image))  # phones store rotated pixels
+        rgb = rgb if method is None else rgb.transpose(method)
+        rgb.load()
+    except Image.DecompressionBombError as error:
+        raise ApiError(413, "too_many_pixels", str(error)) from None
+    except Exception as error:
+        # Pillow's decoders raise many types for malformed or truncated data (OSError,
+        # SyntaxError, ValueError, EOFError, struct.error, ...): with untrusted bytes,
+        # every one of them is the upload's fault, and must not become a 500.
+        logger.debug("decode failed: %r", error)
+        raise ApiError(
+            422, "corrupt_image", f"the image data is corrupt or truncated: {error}"
+        ) from None
+    return rgb, "JPEG" if fmt == "MPO" else fmt, mode, width, height
+
+
+# Bytes appended to a JPEG that lacks its end marker, before the marker: a scan whose data
+# is whole ignores them (libjpeg skips bytes before a marker), a scan cut short decodes
+# them as more data. 0xAA and 0x55 differ from each other, and from the zero bits libjpeg
+# puts in place of missing data, in every bit; neither is 0xFF, which would read as a marker.
+_JPEG_PROBES = (b"", b"\xaa" * 64, b"\x55" * 64)
+
+
+def _jpeg_completed(data: bytes, max_pixels: int) -> tuple[Image.Image, str, str, int, int]:
+    """A JPEG without its 2-byte end-of-image marker, if all its pixel data is there.
+
+    Two checks (a JPEG cut anywhere else stays a 422): the scans present must carry every
+    component and coefficient to full precision (`jpeg_scans_cover_the_image`: a
+    progressive JPEG cut between scans fails it), and the last scan's data must be whole,
+    which shows in the decoder: with the marker appended directly or after other bytes,
+    a whole scan decodes to the same pixels, a cut one does not."""
+    data = data.rstrip(b"\xff")  # the first byte of a half-written marker
+    if not jpeg_scans_cover_the_image(data):
+        raise ApiError(422, "corrupt_image", "the JPEG is cut off: its scans are incomplete")
+    first, *described = _decode_rgb(data + JPEG_EOI, max_pixels)
+    expected = np.asarray(first)
+    for probe in _JPEG_PROBES[1:]:
+        other, *_ = _decode_rgb(data + probe + JPEG_EOI, max_pixels)
+        if not np.array_equal(np.asarray(other), expected):
             raise ApiError(
-                413,
-                "too_many_pixels",
-                f"the image has {width}x{height} = {width * height} pixels; "
-                f"the limit is {max_pixels}",
+                422, "corrupt_image", "the JPEG is cut off inside its pixel data (no end marker)"
             )
-        if width == 0 or height == 0:
-            raise ApiError(422, "corrupt_image", f"the image is {width}x{height} pixels")
+    return (first, *described)  # type: ignore[return-value]
+
+
+def _second_try(
+    data: bytes, error: ApiError, max_pixels: int
+) -> tuple[Image.Image, str, str, int, int]:
+    """After a failed decode: the pixels without the metadata (which may be what failed),
+    then, for a JPEG without its end marker, `_jpeg_completed`. The first error stands when
+    neither works (a 413 from either is final)."""
+    if data.startswith(PNG_SIGNATURE):
+        attempts = [(_decode_rgb, png_pixels_only(data))]
+    elif data.startswith(JPEG_SOI):
+        stripped = jpeg_pixels_only(data)
+        attempts = [(_decode_rgb, stripped)]
+        if not data.endswith(JPEG_EOI):
+            attempts.append((_jpeg_completed, stripped))
+    else:
+        raise error
+    for decode, attempt in attempts:
+        if decode is _decode_rgb and attempt is data:
+            continue  # nothing was dropped: these very bytes just failed
         try:
-            # to_rgb decodes the first frame (of animations and multi-page TIFFs) itself:
-            # a PNG colour key is matched at the file's bit depth before Pillow reduces it.
-            rgb = to_rgb(image)
-            method = _TRANSPOSE.get(_orientation(image))  # phones store rotated pixels
-            pixels = image_to_tensor(rgb if method is None else rgb.transpose(method))
-        except Image.DecompressionBombError as error:
-            raise ApiError(413, "too_many_pixels", str(error)) from None
-        except Exception as error:
-            # Pillow's decoders raise many types for malformed or truncated data (OSError,
-            # SyntaxError, ValueError, EOFError, struct.error, ...): with untrusted bytes,
-            # every one of them is the upload's fault, and must not become a 500.
-            logger.debug("decode failed: %r", error)
-            raise ApiError(
-                422, "corrupt_image", f"the image data is corrupt or truncated: {error}"
-            ) from None
+            return decode(attempt, max_pixels)
+        except ApiError as retry_error:
+            if retry_error.status_code == 413:
+                raise
+    raise error
+
+
+def decode_image(upload: Upload, max_pixels: int) -> DecodedImage:
+    """Upload bytes -> uint8 (3, 32, 32) tensor by the documented preprocessing rule.
+
+    Metadata never makes an image unreadable: PNG text and ICC chunks are dropped before
+    decoding, and an image that fails is tried once more without its metadata
+    (service.containers). A JPEG that lacks only its end marker is completed when all of
+    its pixel data is there. Anything else wrong is the ApiError of the first attempt."""
+    started = time.perf_counter()
+    if not upload.data:
+        raise ApiError(400, "empty_file", "the file is empty")
+    data = upload.data
+    if data.startswith(PNG_SIGNATURE):
+        data = png_without_text(data)
+    try:
+        rgb, fmt, mode, width, height = _decode_rgb(data, max_pixels)
+    except ApiError as error:
+        if error.status_code not in (415, 422):
+            raise
+        rgb, fmt, mode, width, height = _second_try(data, error, max_pixels)
     return DecodedImage(
-        pixels=pixels,
+        pixels=image_to_tensor(rgb),
         filename=upload.filename,
-        format="JPEG" if fmt == "MPO" else fmt,
+        format=fmt,
         mode=mode,
         width=width,
         height=height,
