@@ -36,7 +36,7 @@ from service.images import DecodedImage, read_uploads
 from service.metrics import Metrics
 from service.schemas import ImageInfo, Prediction, Timings
 
-State = Literal["starting", "ready", "draining"]
+State = Literal["starting", "ready", "draining", "failed"]
 
 # Seconds a client is told to wait after a 429/503; a batch takes milliseconds, so a
 # second is enough for the queue to have moved on.
@@ -49,6 +49,17 @@ def _shutting_down() -> ApiError:
         "shutting_down",
         "the service is shutting down; retry on another instance",
         {"Retry-After": str(RETRY_AFTER_S), "Connection": "close"},
+    )
+
+
+def _not_ready(state: State) -> ApiError:
+    if state == "failed":
+        return ApiError(503, "not_ready", "the model failed to load; the service log says why")
+    return ApiError(
+        503,
+        "not_ready",
+        f"the model is still loading; retry after {RETRY_AFTER_S} s",
+        {"Retry-After": str(RETRY_AFTER_S)},
     )
 
 
@@ -96,13 +107,22 @@ class Service:
         self._idle.set()
 
     async def start(self) -> None:
-        """Load and warm up the engine (on the inference thread), then accept requests."""
-        await self.batcher.start()
+        """Load and warm up the engine (on the inference thread), then accept requests.
+
+        The app runs this in the background while the port is already open, so that the
+        health endpoints answer throughout: state "starting" until here, then "ready", or
+        "failed" if loading raised (the error is re-raised for the caller to log)."""
+        try:
+            await self.batcher.start()
+        except Exception:
+            self.state = "failed"
+            raise
         card = self.batcher.engine.card
         self.model_name = str(card.get("name", "model"))
         self.model_version = str(card.get("sha256", ""))[:12]
         self.classes = tuple(card.get("classes") or CIFAR10_CLASSES)
-        self.state = "ready"
+        if self.state == "starting":  # not if a drain began while loading
+            self.state = "ready"
 
     async def stop(self) -> None:
         await self.batcher.stop()
@@ -116,6 +136,8 @@ class Service:
         return self._pending
 
     def _admit(self, ticket: _Ticket, images: int) -> None:
+        if self.state in ("starting", "failed"):
+            raise _not_ready(self.state)
         if self.state != "ready":
             raise _shutting_down()
         if self._pending + images > self.settings.queue_size:
