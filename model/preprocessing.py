@@ -53,10 +53,22 @@ CIFAR10_STD: tuple[float, float, float] = (0.2470, 0.2435, 0.2616)
 
 def _over_white(rgb: np.ndarray, alpha: np.ndarray) -> Image.Image:
     """Straight (unassociated) alpha composited over white, exactly rounded:
-    out = round((c * a + 255 * (255 - a)) / 255). rgb uint8 (H, W, 3), alpha uint8 (H, W)."""
-    a = alpha.astype(np.uint32)[..., None]
-    out = (rgb.astype(np.uint32) * a + 255 * (255 - a) + 127) // 255
-    return Image.fromarray(out.astype(np.uint8), "RGB")
+    out = round((c * a + 255 * (255 - a)) / 255). rgb uint8 (H, W, 3), alpha uint8 (H, W).
+
+    In uint16, one channel at a time: c * a + 255 * (255 - a) + 127 <= 65152, so nothing
+    overflows, and the temporaries stay at 2 bytes per pixel."""
+    a = alpha.astype(np.uint16)
+    white = 255 - a
+    white *= 255
+    white += 127  # rounds the division below to nearest (no sum is a half multiple of 255)
+    out = np.empty(rgb.shape, np.uint8)
+    for channel in range(3):
+        value = rgb[..., channel].astype(np.uint16)
+        value *= a
+        value += white
+        value //= 255
+        out[..., channel] = value
+    return Image.fromarray(out, "RGB")
 
 
 def _premultiplied_over_white(pixels: np.ndarray) -> Image.Image:
@@ -164,7 +176,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
         key is not None or getattr(image.palette, "mode", "") == "RGBA"
     )
     if image.mode in ("RGBA", "LA", "PA") or palette_alpha:
-        rgba = np.asarray(image.convert("RGBA"))
+        rgba = np.asarray(image if image.mode == "RGBA" else image.convert("RGBA"))
         return _over_white(rgba[..., :3], rgba[..., 3])
     if key is not None and image.mode in ("1", "L", "RGB", "I;16", "I;16B", "I;16L", "I"):
         transparent = _colour_key_transparent(image, key)
