@@ -237,7 +237,10 @@ def _too_many_pixels(width: int, height: int, max_pixels: int) -> ApiError:
     )
 
 
-def _decode_rgb(data: bytes, max_pixels: int) -> tuple[Image.Image, str, str, int, int]:
+Decoded = tuple[Image.Image, str, str, int, int]  # RGB, format, mode, width, height
+
+
+def _decode_rgb(data: bytes, max_pixels: int) -> Decoded:
     """Bytes -> the first frame as upright RGB (transparency over white, EXIF orientation
     applied), with the format, mode and size as uploaded. ApiError for anything wrong."""
     try:
@@ -276,14 +279,15 @@ def _decode_rgb(data: bytes, max_pixels: int) -> tuple[Image.Image, str, str, in
     return rgb, "JPEG" if fmt == "MPO" else fmt, mode, width, height
 
 
-# Bytes appended to a JPEG that lacks its end marker, before the marker: a scan whose data
-# is whole ignores them (libjpeg skips bytes before a marker), a scan cut short decodes
-# them as more data. 0xAA and 0x55 differ from each other, and from the zero bits libjpeg
-# puts in place of missing data, in every bit; neither is 0xFF, which would read as a marker.
-_JPEG_PROBES = (b"", b"\xaa" * 64, b"\x55" * 64)
+# Bytes put between a JPEG that lacks its end marker and the marker appended to it: a scan
+# whose data is whole ignores them (libjpeg skips bytes before a marker), a scan cut short
+# decodes them as more data. 0xAA and 0x55 differ from each other, and from the zero bits
+# libjpeg puts in place of missing data, in every bit; neither is 0xFF, which would read
+# as a marker.
+_JPEG_PROBES = (b"\xaa" * 64, b"\x55" * 64)
 
 
-def _jpeg_completed(data: bytes, max_pixels: int) -> tuple[Image.Image, str, str, int, int]:
+def _jpeg_completed(data: bytes, max_pixels: int) -> Decoded:
     """A JPEG without its 2-byte end-of-image marker, if all its pixel data is there.
 
     Two checks (a JPEG cut anywhere else stays a 422): the scans present must carry every
@@ -294,20 +298,18 @@ def _jpeg_completed(data: bytes, max_pixels: int) -> tuple[Image.Image, str, str
     data = data.rstrip(b"\xff")  # the first byte of a half-written marker
     if not jpeg_scans_cover_the_image(data):
         raise ApiError(422, "corrupt_image", "the JPEG is cut off: its scans are incomplete")
-    first, *described = _decode_rgb(data + JPEG_EOI, max_pixels)
-    expected = np.asarray(first)
-    for probe in _JPEG_PROBES[1:]:
-        other, *_ = _decode_rgb(data + probe + JPEG_EOI, max_pixels)
+    completed = _decode_rgb(data + JPEG_EOI, max_pixels)
+    expected = np.asarray(completed[0])
+    for probe in _JPEG_PROBES:
+        other = _decode_rgb(data + probe + JPEG_EOI, max_pixels)[0]
         if not np.array_equal(np.asarray(other), expected):
             raise ApiError(
                 422, "corrupt_image", "the JPEG is cut off inside its pixel data (no end marker)"
             )
-    return (first, *described)  # type: ignore[return-value]
+    return completed
 
 
-def _second_try(
-    data: bytes, error: ApiError, max_pixels: int
-) -> tuple[Image.Image, str, str, int, int]:
+def _second_try(data: bytes, error: ApiError, max_pixels: int) -> Decoded:
     """After a failed decode: the pixels without the metadata (which may be what failed),
     then, for a JPEG without its end marker, `_jpeg_completed`. The first error stands when
     neither works (a 413 from either is final)."""
