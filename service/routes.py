@@ -87,7 +87,7 @@ async def predict_batch(request: Request, service: ServiceDep) -> BatchPredictio
     "/health",
     response_model=Health,
     summary="Readiness",
-    responses={503: {"model": Health, "description": "Starting or draining."}},
+    responses={503: {"model": Health, "description": "Starting, failed to load, or draining."}},
 )
 async def health(service: ServiceDep) -> JSONResponse:
     """200 once the model is loaded and warmed up; 503 while starting ("starting"), when
