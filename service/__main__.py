@@ -2,8 +2,8 @@
 
 Exit status: 0 after a SIGTERM/SIGINT shutdown in which every accepted request was answered;
 2 when a setting is invalid or the weights, engine or device cannot be used (one line on
-stderr says why); 3 when the app fails during start-up (uvicorn's code; the log has the
-traceback).
+stderr says why); 3 when loading or warming up the model fails after the port has opened
+(the log has the traceback).
 """
 
 from __future__ import annotations
@@ -74,6 +74,17 @@ class DrainingServer(uvicorn.Server):
         self._app = app
         self._drain_timeout_s = drain_timeout_s
         self._drain_task: asyncio.Task[None] | None = None
+        self.start_failed = False
+
+    async def on_tick(self, counter: int) -> bool:
+        """uvicorn's main loop asks this every 0.1 s whether to stop. The model loads in
+        the background while the port is open; if loading fails, the process stops (exit
+        status 3) rather than answer 503 for ever."""
+        service = self._app.state.service
+        if service is not None and service.state == "failed":
+            self.start_failed = True
+            return True
+        return await super().on_tick(counter)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._drain_task is not None or self.should_exit:
@@ -126,8 +137,9 @@ def main(argv: list[str] | None = None) -> int:
         access_log=False,  # the app logs one structured line per request itself
         timeout_graceful_shutdown=int(settings.shutdown_timeout_s),
     )
-    DrainingServer(config, app, settings.shutdown_timeout_s).run()
-    return 0
+    server = DrainingServer(config, app, settings.shutdown_timeout_s)
+    server.run()
+    return 3 if server.start_failed else 0
 
 
 if __name__ == "__main__":

@@ -1,12 +1,16 @@
 """The FastAPI application: `create_app(settings)` wires settings, lifespan, routes, errors.
 
-Start-up and shutdown live in the lifespan: it loads the model (on the inference thread),
-warms it up, and only then lets requests in; on the way out it waits until every admitted
-request is answered before the batcher and its threads stop.
+Start-up and shutdown live in the lifespan: it starts loading the model (on the inference
+thread) and warming it up in the background, so that the server opens its port at once and
+the health endpoints answer while the model loads; predictions are let in once it is ready.
+On the way out it waits until every admitted request is answered before the batcher and its
+threads stop.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import gc
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -21,7 +25,7 @@ from service.config import Settings
 from service.engines import Engine, EngineOptions, create_engine
 from service.errors import install_error_handlers
 from service.metrics import Metrics
-from service.middleware import RequestContextMiddleware
+from service.middleware import HeadAsGetMiddleware, RequestContextMiddleware
 from service.routes import health_router, predict_router
 from service.runtime import Service
 from service.v2 import router as v2_router
@@ -57,31 +61,44 @@ def create_app(
     metrics = Metrics(settings.max_batch_size)
     factory = engine_factory or partial(load_engine, settings)
 
+    async def start(service: Service) -> None:
+        try:
+            await service.start()
+        except Exception:
+            logger.exception("start-up failed: the model could not be loaded or warmed up")
+            return
+        # Move everything start-up created (torch, the engine, ~1e6 objects) out of the
+        # garbage collector's view: full collections then stay short under load
+        # (the technique of Instagram's gc.freeze, Python 3.7+).
+        gc.collect()
+        gc.freeze()
+        logger.info(
+            "ready: %s %s on %s, batches of up to %d within %.1f ms",
+            service.model_name,
+            service.model_version,
+            service.batcher.engine.describe(),
+            settings.max_batch_size,
+            settings.max_wait_ms,
+        )
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         service = Service(settings, factory, metrics)
+        app.state.service = service
+        # Loading and warm-up run in the background: ASGI servers open the port only once
+        # the lifespan has started, and probes must get an answer meanwhile (/health 503
+        # "starting", /health/live 200), not a refused connection.
+        starting = asyncio.create_task(start(service), name="start-up")
         try:
-            await service.start()
-            # Move everything start-up created (torch, the engine, ~1e6 objects) out of the
-            # garbage collector's view: full collections then stay short under load
-            # (the technique of Instagram's gc.freeze, Python 3.7+).
-            gc.collect()
-            gc.freeze()
-            app.state.service = service
-            logger.info(
-                "ready: %s %s on %s, batches of up to %d within %.1f ms",
-                service.model_name,
-                service.model_version,
-                service.batcher.engine.describe(),
-                settings.max_batch_size,
-                settings.max_wait_ms,
-            )
             yield
             # Under `python -m service` the drain already happened on SIGTERM, before
             # uvicorn closed the socket; this covers every other way of stopping.
             if not await service.drain(settings.shutdown_timeout_s):
                 logger.error("shutdown: gave up waiting for requests still in hand")
         finally:
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting
             app.state.service = None
             await service.stop()
 
@@ -92,6 +109,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.service = None
+    app.add_middleware(HeadAsGetMiddleware)  # added first: innermost, inside CORS and context
     if settings.cors_origins:
         # Every path, so routes added later (/v2/...) are covered too. Added before the
         # request-context middleware, which therefore wraps it: preflights are logged and

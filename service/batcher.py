@@ -103,6 +103,11 @@ class Batcher:
         return self._engine
 
     @property
+    def loaded(self) -> bool:
+        """Whether the engine has been built (warm-up may still be running)."""
+        return self._engine is not None
+
+    @property
     def depth(self) -> int:
         """Images waiting for a forward pass: queued, or in the batch still collecting."""
         return self._queue.qsize() + self._forming

@@ -6,9 +6,10 @@ buffered whole. Files stay in memory: the size limit bounds them, and no tempora
 or thread hops are needed.
 
 Decoding opens the image lazily (Pillow reads only the header), refuses too many pixels
-before any pixel is decoded (decompression bombs), then decodes the first frame, applies
-the EXIF orientation and hands it to `model.preprocessing.image_to_tensor`, the same code
-training uses. It is plain blocking code: the routes run it in the decode executor.
+before any pixel is decoded (decompression bombs), then decodes the first frame to RGB
+(`model.preprocessing.to_rgb`: transparency over white), applies the EXIF orientation and
+hands it to `model.preprocessing.image_to_tensor`, the same code training uses. It is
+plain blocking code: service.decoding runs it on the decode threads.
 """
 
 from __future__ import annotations
@@ -18,13 +19,23 @@ import logging
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 from python_multipart.exceptions import FormParserError
-from python_multipart.multipart import MultipartParser, parse_options_header
+from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
-from model.preprocessing import image_to_tensor
+from model.preprocessing import image_to_tensor, to_rgb
+from service.containers import (
+    JPEG_EOI,
+    JPEG_SOI,
+    PNG_SIGNATURE,
+    jpeg_pixels_only,
+    jpeg_scans_cover_the_image,
+    png_pixels_only,
+    png_without_text,
+)
 from service.errors import ApiError
 
 logger = logging.getLogger("service")
@@ -160,6 +171,17 @@ async def read_uploads(
         ) from None
     except ClientDisconnect:
         raise ApiError(499, "client_closed_request", "the client closed the connection") from None
+    if parser.state != MultipartState.END:
+        # The body stopped early: no opening boundary, inside a part's headers, or a part
+        # never closed. The parser raises only for bytes it cannot read, not for an end it
+        # did not reach, and an unclosed part's data never reaches on_part_end: without
+        # this check a file that was sent would be reported as missing.
+        raise ApiError(
+            400,
+            "invalid_multipart",
+            "the multipart body ends before its closing boundary "
+            f"'--{boundary.decode('latin-1')}--'; send the whole body",
+        )
     if not collector.uploads:
         raise ApiError(400, "missing_file", f"no file in multipart field {field!r}")
     return collector.uploads
@@ -183,49 +205,157 @@ def _unidentified(data: bytes) -> ApiError:
     )
 
 
-def decode_image(upload: Upload, max_pixels: int) -> DecodedImage:
-    """Upload bytes -> uint8 (3, 32, 32) tensor by the documented preprocessing rule."""
-    started = time.perf_counter()
-    if not upload.data:
-        raise ApiError(400, "empty_file", "the file is empty")
+# EXIF orientation (tag 0x0112) -> the transpose that makes the pixels upright (EXIF 2.32,
+# section 4.6.4; the same table as PIL.ImageOps.exif_transpose).
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_ORIENTATION = 0x0112
+
+
+def _orientation(image: Image.Image) -> int:
+    """The EXIF (or XMP) orientation, 1 (upright) when there is none or it is unreadable:
+    metadata never makes an image unreadable, so a broken EXIF block means no rotation."""
     try:
-        image = Image.open(io.BytesIO(upload.data), formats=ACCEPTED_FORMATS)
+        return int(image.getexif().get(_ORIENTATION, 1))
+    except Exception as error:  # Pillow's EXIF and XMP parsers raise many types
+        logger.debug("unreadable EXIF ignored: %r", error)
+        return 1
+
+
+def _too_many_pixels(width: int, height: int, max_pixels: int) -> ApiError:
+    return ApiError(
+        413,
+        "too_many_pixels",
+        f"the image has {width}x{height} = {width * height} pixels; the limit is {max_pixels}",
+    )
+
+
+Decoded = tuple[Image.Image, str, str, int, int]  # RGB, format, mode, width, height
+
+
+def _decode_rgb(data: bytes, max_pixels: int) -> Decoded:
+    """Bytes -> the first frame as upright RGB (transparency over white, EXIF orientation
+    applied), with the format, mode and size as uploaded. ApiError for anything wrong."""
+    try:
+        image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
     except UnidentifiedImageError:
-        raise _unidentified(upload.data) from None
+        raise _unidentified(data) from None
     except Image.DecompressionBombError as error:
         raise ApiError(413, "too_many_pixels", str(error)) from None
     except Exception as error:  # plugins raise many types for a bad header; see below
         raise ApiError(422, "corrupt_image", f"the image header is unreadable: {error}") from None
-    with image:
-        width, height = image.size
-        fmt, mode = image.format or "unknown", image.mode
-        if width * height > max_pixels:
+    # No `with image:` (it would close the image that to_rgb may return as it is); the
+    # BytesIO behind it holds no OS resource.
+    width, height = image.size
+    fmt, mode = image.format or "unknown", image.mode
+    if width * height > max_pixels:
+        raise _too_many_pixels(width, height, max_pixels)
+    if width == 0 or height == 0:
+        raise ApiError(422, "corrupt_image", f"the image is {width}x{height} pixels")
+    try:
+        # to_rgb decodes the first frame (of animations and multi-page TIFFs) itself:
+        # a PNG colour key is matched at the file's bit depth before Pillow reduces it.
+        rgb = to_rgb(image)
+        method = _TRANSPOSE.get(_orientation(image))  # phones store rotated pixels
+        rgb = rgb if method is None else rgb.transpose(method)
+        rgb.load()
+    except Image.DecompressionBombError as error:
+        raise ApiError(413, "too_many_pixels", str(error)) from None
+    except Exception as error:
+        # Pillow's decoders raise many types for malformed or truncated data (OSError,
+        # SyntaxError, ValueError, EOFError, struct.error, ...): with untrusted bytes,
+        # every one of them is the upload's fault, and must not become a 500.
+        logger.debug("decode failed: %r", error)
+        raise ApiError(
+            422, "corrupt_image", f"the image data is corrupt or truncated: {error}"
+        ) from None
+    return rgb, "JPEG" if fmt == "MPO" else fmt, mode, width, height
+
+
+# Bytes put between a JPEG that lacks its end marker and the marker appended to it: a scan
+# whose data is whole ignores them (libjpeg skips bytes before a marker), a scan cut short
+# decodes them as more data. 0xAA and 0x55 differ from each other, and from the zero bits
+# libjpeg puts in place of missing data, in every bit; neither is 0xFF, which would read
+# as a marker.
+_JPEG_PROBES = (b"\xaa" * 64, b"\x55" * 64)
+
+
+def _jpeg_completed(data: bytes, max_pixels: int) -> Decoded:
+    """A JPEG without its 2-byte end-of-image marker, if all its pixel data is there.
+
+    Two checks (a JPEG cut anywhere else stays a 422): the scans present must carry every
+    component and coefficient to full precision (`jpeg_scans_cover_the_image`: a
+    progressive JPEG cut between scans fails it), and the last scan's data must be whole,
+    which shows in the decoder: with the marker appended directly or after other bytes,
+    a whole scan decodes to the same pixels, a cut one does not."""
+    data = data.rstrip(b"\xff")  # the first byte of a half-written marker
+    if not jpeg_scans_cover_the_image(data):
+        raise ApiError(422, "corrupt_image", "the JPEG is cut off: its scans are incomplete")
+    completed = _decode_rgb(data + JPEG_EOI, max_pixels)
+    expected = np.asarray(completed[0])
+    for probe in _JPEG_PROBES:
+        other = _decode_rgb(data + probe + JPEG_EOI, max_pixels)[0]
+        if not np.array_equal(np.asarray(other), expected):
             raise ApiError(
-                413,
-                "too_many_pixels",
-                f"the image has {width}x{height} = {width * height} pixels; "
-                f"the limit is {max_pixels}",
+                422, "corrupt_image", "the JPEG is cut off inside its pixel data (no end marker)"
             )
-        if width == 0 or height == 0:
-            raise ApiError(422, "corrupt_image", f"the image is {width}x{height} pixels")
+    return completed
+
+
+def _second_try(data: bytes, error: ApiError, max_pixels: int) -> Decoded:
+    """After a failed decode: the pixels without the metadata (which may be what failed),
+    then, for a JPEG without its end marker, `_jpeg_completed`. The first error stands when
+    neither works (a 413 from either is final)."""
+    if data.startswith(PNG_SIGNATURE):
+        attempts = [(_decode_rgb, png_pixels_only(data))]
+    elif data.startswith(JPEG_SOI):
+        stripped = jpeg_pixels_only(data)
+        attempts = [(_decode_rgb, stripped)]
+        if not data.endswith(JPEG_EOI):
+            attempts.append((_jpeg_completed, stripped))
+    else:
+        raise error
+    for decode, attempt in attempts:
+        if decode is _decode_rgb and attempt is data:
+            continue  # nothing was dropped: these very bytes just failed
         try:
-            image.load()  # the first frame of animations and multi-page TIFFs
-            ImageOps.exif_transpose(image, in_place=True)  # phones store rotated pixels
-            pixels = image_to_tensor(image)
-        except Image.DecompressionBombError as error:
-            raise ApiError(413, "too_many_pixels", str(error)) from None
-        except Exception as error:
-            # Pillow's decoders raise many types for malformed or truncated data (OSError,
-            # SyntaxError, ValueError, EOFError, struct.error, ...): with untrusted bytes,
-            # every one of them is the upload's fault, and must not become a 500.
-            logger.debug("decode failed: %r", error)
-            raise ApiError(
-                422, "corrupt_image", f"the image data is corrupt or truncated: {error}"
-            ) from None
+            return decode(attempt, max_pixels)
+        except ApiError as retry_error:
+            if retry_error.status_code == 413:
+                raise
+    raise error
+
+
+def decode_image(upload: Upload, max_pixels: int) -> DecodedImage:
+    """Upload bytes -> uint8 (3, 32, 32) tensor by the documented preprocessing rule.
+
+    Metadata never makes an image unreadable: PNG text and ICC chunks are dropped before
+    decoding, and an image that fails is tried once more without its metadata
+    (service.containers). A JPEG that lacks only its end marker is completed when all of
+    its pixel data is there. Anything else wrong is the ApiError of the first attempt."""
+    started = time.perf_counter()
+    if not upload.data:
+        raise ApiError(400, "empty_file", "the file is empty")
+    data = upload.data
+    if data.startswith(PNG_SIGNATURE):
+        data = png_without_text(data)
+    try:
+        rgb, fmt, mode, width, height = _decode_rgb(data, max_pixels)
+    except ApiError as error:
+        if error.status_code not in (415, 422):
+            raise
+        rgb, fmt, mode, width, height = _second_try(data, error, max_pixels)
     return DecodedImage(
-        pixels=pixels,
+        pixels=image_to_tensor(rgb),
         filename=upload.filename,
-        format="JPEG" if fmt == "MPO" else fmt,
+        format=fmt,
         mode=mode,
         width=width,
         height=height,

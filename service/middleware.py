@@ -1,7 +1,8 @@
-"""Per-request bookkeeping: request id, one structured log line, Prometheus counts.
+"""Per-request bookkeeping (request id, one structured log line, Prometheus counts) and
+HEAD for every GET route.
 
-A pure ASGI middleware rather than BaseHTTPMiddleware: it wraps `send` to see the status
-and add the header, costs next to nothing per request, and never buffers a body.
+Pure ASGI middlewares rather than BaseHTTPMiddleware: they wrap `send` to see the status,
+add a header or drop a body, cost next to nothing per request, and never buffer a body.
 """
 
 from __future__ import annotations
@@ -80,3 +81,33 @@ class RequestContextMiddleware:
                     }
                 },
             )
+
+
+class HeadAsGetMiddleware:
+    """Answer HEAD on every GET route with the GET response's status and headers and no
+    body (RFC 9110, section 9.3.2). Uptime monitors and load balancers probe with HEAD;
+    FastAPI registers only the methods a route names, so without this HEAD /health is 405.
+
+    The request runs as GET in the same scope (so the route template and the access log
+    see it), and the method is put back to HEAD afterwards for the outer middleware."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_without_body(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                if message.get("more_body", False):
+                    return  # a streamed body: drop every chunk but the last
+                message = {"type": "http.response.body", "body": b"", "more_body": False}
+            await send(message)
+
+        scope["method"] = "GET"
+        try:
+            await self.app(scope, receive, send_without_body)
+        finally:
+            scope["method"] = "HEAD"

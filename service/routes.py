@@ -108,16 +108,18 @@ def predict_router(max_files: int) -> APIRouter:
     "/health",
     response_model=Health,
     summary="Readiness",
-    responses={503: {"model": Health, "description": "Starting or draining."}},
+    responses={503: {"model": Health, "description": "Starting, failed to load, or draining."}},
 )
 async def health(service: ServiceDep) -> JSONResponse:
-    """200 once the model is loaded and warmed up, 503 while starting or shutting down."""
+    """200 once the model is loaded and warmed up; 503 while starting ("starting"), when
+    loading failed ("failed") or while shutting down ("draining")."""
+    engine = service.batcher.engine if service.batcher.loaded else None
     body = Health(
         status=service.state,
-        model_name=service.model_name,
-        model_version=service.model_version,
-        engine=service.batcher.engine.name,
-        device=service.batcher.engine.device,
+        model_name=service.model_name or None,
+        model_version=service.model_version or None,
+        engine=engine.name if engine else None,
+        device=engine.device if engine else None,
         mirror_tta=service.batcher.mirror_tta,
         max_batch_size=service.settings.max_batch_size,
         max_wait_ms=service.settings.max_wait_ms,
@@ -127,10 +129,19 @@ async def health(service: ServiceDep) -> JSONResponse:
     return JSONResponse(body.model_dump(), status_code=200 if service.state == "ready" else 503)
 
 
-@health_router.get("/health/live", response_model=Liveness, summary="Liveness")
-async def live() -> Liveness:
-    """200 whenever the process can answer at all."""
-    return Liveness()
+@health_router.get(
+    "/health/live",
+    response_model=Liveness,
+    summary="Liveness",
+    responses={503: {"model": Liveness, "description": "The model failed to load."}},
+)
+async def live(request: Request) -> JSONResponse:
+    """200 whenever the process can answer, loading included; 503 only once loading has
+    failed, which no amount of waiting mends (`python -m service` then exits with 3)."""
+    service: Service | None = getattr(request.app.state, "service", None)
+    if service is not None and service.state == "failed":
+        return JSONResponse(Liveness(status="failed").model_dump(), status_code=503)
+    return JSONResponse(Liveness().model_dump())
 
 
 @health_router.get("/metrics", summary="Prometheus metrics", response_class=Response)

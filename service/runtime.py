@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
@@ -35,13 +34,14 @@ from service.batcher import (
     Result,
 )
 from service.config import Settings
+from service.decoding import DecodePool
 from service.engines.base import Engine
 from service.errors import ApiError
-from service.images import DecodedImage, Upload, decode_image, read_uploads
+from service.images import DecodedImage, Upload, read_uploads
 from service.metrics import Metrics
 from service.schemas import ImageInfo, Prediction, Timings
 
-State = Literal["starting", "ready", "draining"]
+State = Literal["starting", "ready", "draining", "failed"]
 T = TypeVar("T")
 
 # Seconds a client is told to wait after a 429/503; a batch takes milliseconds, so a
@@ -55,6 +55,17 @@ def _shutting_down() -> ApiError:
         "shutting_down",
         "the service is shutting down; retry on another instance",
         {"Retry-After": str(RETRY_AFTER_S), "Connection": "close"},
+    )
+
+
+def _not_ready(state: State) -> ApiError:
+    if state == "failed":
+        return ApiError(503, "not_ready", "the model failed to load; the service log says why")
+    return ApiError(
+        503,
+        "not_ready",
+        f"the model is still loading; retry after {RETRY_AFTER_S} s",
+        {"Retry-After": str(RETRY_AFTER_S)},
     )
 
 
@@ -92,9 +103,9 @@ class Service:
             more_coming=lambda: self._incoming > 0,
             mirror_tta=settings.mirror_tta,
         )
-        # Decoding gets its own small pool: off the event loop, and too few threads to
-        # starve the inference thread of cores.
-        self._decoder = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
+        # Decoding gets its own small pool: off the event loop, too few threads to starve
+        # the inference thread of cores, and shared image by image between requests.
+        self._decoder = DecodePool(settings.decode_threads, settings.max_pixels)
         self.state: State = "starting"
         self.model_name = self.model_version = ""
         self.classes: tuple[str, ...] = CIFAR10_CLASSES
@@ -104,17 +115,26 @@ class Service:
         self._idle.set()
 
     async def start(self) -> None:
-        """Load and warm up the engine (on the inference thread), then accept requests."""
-        await self.batcher.start()
+        """Load and warm up the engine (on the inference thread), then accept requests.
+
+        The app runs this in the background while the port is already open, so that the
+        health endpoints answer throughout: state "starting" until here, then "ready", or
+        "failed" if loading raised (the error is re-raised for the caller to log)."""
+        try:
+            await self.batcher.start()
+        except Exception:
+            self.state = "failed"
+            raise
         card = self.batcher.engine.card
         self.model_name = str(card.get("name", "model"))
         self.model_version = str(card.get("sha256", ""))[:12]
         self.classes = tuple(card.get("classes") or CIFAR10_CLASSES)
-        self.state = "ready"
+        if self.state == "starting":  # not if a drain began while loading
+            self.state = "ready"
 
     async def stop(self) -> None:
         await self.batcher.stop()
-        self._decoder.shutdown(wait=True, cancel_futures=True)
+        self._decoder.shutdown()
 
     # --- admission and draining -------------------------------------------------------
 
@@ -124,6 +144,8 @@ class Service:
         return self._pending
 
     def _admit(self, ticket: Ticket, images: int) -> None:
+        if self.state in ("starting", "failed"):
+            raise _not_ready(self.state)
         if self.state != "ready":
             raise _shutting_down()
         if self._pending + images > self.settings.queue_size:
@@ -203,34 +225,24 @@ class Service:
                 max_bytes=self.settings.max_upload_bytes,
             )
             self.admit_more(ticket, len(uploads) - 1)
-            images = await self.decode(uploads, name="files")
+            images = await self.decode(uploads, ticket, name="files")
             results = await self.infer(request, [image.pixels for image in images], ticket)
         return [
             self._prediction(image, result) for image, result in zip(images, results, strict=True)
         ]
 
     async def preprocess(self, function: Callable[..., T], *args: Any) -> T:
-        """Run CPU-heavy request work (decoding, parsing big JSON bodies) on the decode
-        threads, off the event loop."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._decoder, function, *args)
+        """Run CPU-heavy request work (parsing big JSON bodies) on the decode threads, off
+        the event loop, taking its turn with the decoding."""
+        return await self._decoder.run(function, *args)
 
-    async def decode(self, uploads: list[Upload], *, name: str) -> list[DecodedImage]:
-        """Decode on the decode thread, all files of a request in one hand-over (each
-        hand-over between the event loop and a thread costs a round trip of the GIL).
-        With several files, an error names the culprit as `name[index]: ...`."""
-        return await self.preprocess(self._decode_all, uploads, name)
-
-    def _decode_all(self, uploads: list[Upload], name: str) -> list[DecodedImage]:
-        images = []
-        for index, upload in enumerate(uploads):
-            try:
-                images.append(decode_image(upload, self.settings.max_pixels))
-            except ApiError as error:
-                if len(uploads) > 1:  # name the culprit; the whole request is refused
-                    error.message = f"{name}[{index}]: {error.message}"
-                raise
-        return images
+    async def decode(
+        self, uploads: list[Upload], ticket: Ticket, *, name: str
+    ) -> list[DecodedImage]:
+        """Decode on the decode threads, image by image, taking turns with other requests
+        and stopping at the ticket's deadline (service/decoding.py). With several files,
+        an error names the culprit as `name[index]: ...`."""
+        return await self._decoder.decode(uploads, ticket.deadline, name=name)
 
     async def infer(
         self, request: Request, pixels: list[torch.Tensor], ticket: Ticket

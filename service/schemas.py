@@ -44,11 +44,13 @@ class BatchPrediction(BaseModel):
 
 
 class Health(BaseModel):
-    status: str = Field(description='"ready", or "starting" / "draining" with status 503.')
-    model_name: str
-    model_version: str
-    engine: str
-    device: str
+    status: str = Field(
+        description='"ready", or with status 503 "starting", "failed" or "draining".'
+    )
+    model_name: str | None = Field(description="null until the model is loaded.")
+    model_version: str | None = Field(description="null until the model is loaded.")
+    engine: str | None = Field(description="null until the engine is built.")
+    device: str | None = Field(description="null until the engine is built.")
     mirror_tta: bool = Field(description="Each image is averaged with its mirror image.")
     max_batch_size: int
     max_wait_ms: float
@@ -57,7 +59,7 @@ class Health(BaseModel):
 
 
 class Liveness(BaseModel):
-    status: str = "alive"
+    status: str = Field("alive", description='"alive", or "failed" (503) if loading failed.')
 
 
 class ErrorDetail(BaseModel):

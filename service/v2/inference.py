@@ -100,7 +100,9 @@ async def infer(request: Request, service: Service) -> Response:
         service.admit_more(ticket, decoded.count - 1)
         if decoded.input is IMAGE:
             uploads = [Upload(None, data) for data in decoded.encoded]
-            pixels = [image.pixels for image in await service.decode(uploads, name=IMAGE.name)]
+            pixels = [
+                image.pixels for image in await service.decode(uploads, ticket, name=IMAGE.name)
+            ]
         else:
             pixels = decoded.pixels
         results = await service.infer(request, pixels, ticket)

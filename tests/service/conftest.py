@@ -7,7 +7,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
-from tests.service.support import settings_for
+from tests.service.support import settings_for, wait_ready_sync
 
 
 @pytest.fixture(scope="module")
@@ -18,4 +18,5 @@ def client(weights_file: Path) -> Iterator[TestClient]:
         weights_file, max_upload_bytes=500_000, max_pixels=1_000_000, max_files=4
     )
     with TestClient(create_app(settings)) as test_client:
+        wait_ready_sync(test_client)
         yield test_client

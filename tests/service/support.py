@@ -3,9 +3,11 @@ in-process app driven by httpx, and the reference (unbatched) model."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,7 @@ import httpx
 import numpy as np
 import torch
 from fastapi import FastAPI
+from fastapi.testclient import TestClient
 from PIL import Image
 
 from model.preprocessing import image_to_tensor, normalize
@@ -118,12 +121,33 @@ def gated_factory(settings: Settings) -> tuple[Callable[[], Engine], Callable[[]
 
 
 @contextlib.asynccontextmanager
-async def running(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
-    """Run the app's lifespan and talk to it in-process, concurrently if need be."""
+async def running(app: FastAPI, *, ready: bool = True) -> AsyncIterator[httpx.AsyncClient]:
+    """Run the app's lifespan and talk to it in-process, concurrently if need be. The
+    model loads in the background; with `ready` (the default) this waits until /health
+    says so, as a load balancer would."""
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            if ready:
+                await wait_ready(client)
             yield client
+
+
+async def wait_ready(client: httpx.AsyncClient, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while (response := await client.get("/health")).status_code != 200:
+        assert response.json()["status"] == "starting", response.text
+        assert time.monotonic() < deadline, "the app never became ready"
+        await asyncio.sleep(0.01)
+
+
+def wait_ready_sync(client: TestClient, timeout_s: float = 120) -> None:
+    """wait_ready for a TestClient (which runs the app on a thread of its own)."""
+    deadline = time.monotonic() + timeout_s
+    while (response := client.get("/health")).status_code != 200:
+        assert response.json()["status"] == "starting", response.text
+        assert time.monotonic() < deadline, "the app never became ready"
+        time.sleep(0.01)
 
 
 def app_for(settings: Settings, factory: Callable[[], Engine] | None = None) -> FastAPI:

@@ -1,0 +1,247 @@
+"""Health probes: HEAD on every GET route (issue 14, kind 6), and health while the model
+loads, in process and with `python -m service` (kind 7)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from service.app import create_app, load_engine
+from service.config import Settings
+from service.engines.base import Engine
+from tests.service.support import metric, png, running, settings_for, wait_ready
+from tests.service.test_process import PROJECT_ROOT, _free_port, _wait_ready
+
+
+def _get_routes(client: TestClient) -> list[str]:
+    """Every GET path the app documents, and the documentation pages themselves."""
+    spec = client.get("/openapi.json").json()
+    paths = [path for path, operations in spec["paths"].items() if "get" in operations]
+    paths += ["/openapi.json", "/docs", "/redoc"]
+    assert {"/health", "/health/live", "/metrics"} <= set(paths)
+    return paths
+
+
+def test_every_get_route_answers_head_with_the_get_status_and_headers_and_no_body(
+    client: TestClient,
+) -> None:
+    for path in _get_routes(client):
+        got = client.get(path)
+        head = client.head(path)
+        assert head.status_code == got.status_code, path
+        assert "{" in path or got.status_code == 200, path  # templated paths may 404
+        assert head.content == b"", path
+        assert head.headers["content-type"] == got.headers["content-type"], path
+        if path not in ("/metrics",):  # the metrics text changes between the two calls
+            assert head.headers["content-length"] == got.headers["content-length"], path
+
+
+def test_head_on_the_health_endpoints(client: TestClient) -> None:
+    for path in ("/health", "/health/live"):
+        response = client.head(path, headers={"X-Request-ID": "probe-1"})
+        assert response.status_code == 200
+        assert response.content == b""
+        assert response.headers["x-request-id"] == "probe-1"
+
+
+def test_head_is_counted_as_head_and_other_methods_are_unchanged(client: TestClient) -> None:
+    before = client.get("/metrics").text
+    client.head("/health/live")
+    after = client.get("/metrics").text
+    labels = {"route": "/health/live", "method": "HEAD", "status": "200"}
+    assert (
+        metric(after, "http_requests_total", **labels)
+        - metric(before, "http_requests_total", **labels)
+        == 1
+    )
+    # HEAD where GET is not allowed, or nothing is routed, keeps its error status.
+    assert client.head("/predict").status_code == 405
+    assert client.head("/predict").headers["allow"] == "POST"
+    assert client.head("/no-such-page").status_code == 404
+
+
+# --- kind 7: health while the model loads ----------------------------------------------
+
+
+def _gated_factory(
+    settings: Settings, gate: threading.Event, fail: bool = False
+) -> Callable[[], Engine]:
+    def factory() -> Engine:
+        assert gate.wait(timeout=60), "the test never opened the gate"
+        if fail:
+            raise RuntimeError("simulated failure while loading the weights")
+        return load_engine(settings)
+
+    return factory
+
+
+def test_while_the_model_loads_health_says_starting_and_live_says_alive(
+    weights_file: Path,
+) -> None:
+    settings = settings_for(weights_file, max_batch_size=2)
+    gate = threading.Event()
+
+    async def scenario() -> None:
+        app = create_app(settings, _gated_factory(settings, gate))
+        async with running(app, ready=False) as client:
+            for _ in range(3):  # asked again and again, the answer stays the truth
+                health = await client.get("/health")
+                assert health.status_code == 503
+                assert health.json()["status"] == "starting"
+                assert health.json()["engine"] is None
+                live = await client.get("/health/live")
+                assert (live.status_code, live.json()) == (200, {"status": "alive"})
+                assert (await client.head("/health")).status_code == 503
+                assert (await client.head("/health/live")).status_code == 200
+                await asyncio.sleep(0.05)
+            refused = await client.post("/predict", files={"file": ("a.png", png(1))})
+            assert refused.status_code == 503
+            assert refused.json()["error"]["code"] == "not_ready"
+            assert refused.headers["retry-after"] == "1"
+            assert (await client.get("/metrics")).status_code == 200
+
+            gate.set()
+            await wait_ready(client)
+            health = (await client.get("/health")).json()
+            assert (health["status"], health["engine"]) == ("ready", "torch")
+            answered = await client.post("/predict", files={"file": ("a.png", png(1))})
+            assert answered.status_code == 200
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        gate.set()
+
+
+def test_when_loading_fails_health_and_live_say_failed(weights_file: Path) -> None:
+    settings = settings_for(weights_file, max_batch_size=2)
+    gate = threading.Event()
+    gate.set()
+
+    async def scenario() -> None:
+        app = create_app(settings, _gated_factory(settings, gate, fail=True))
+        async with running(app, ready=False) as client:
+            while (health := await client.get("/health")).json()["status"] == "starting":
+                await asyncio.sleep(0.01)
+            assert (health.status_code, health.json()["status"]) == (503, "failed")
+            live = await client.get("/health/live")
+            assert (live.status_code, live.json()) == (503, {"status": "failed"})
+            refused = await client.post("/predict", files={"file": ("a.png", png(1))})
+            assert (refused.status_code, refused.json()["error"]["code"]) == (503, "not_ready")
+
+    asyncio.run(scenario())
+
+
+def test_a_drain_during_loading_is_not_undone_when_loading_ends(weights_file: Path) -> None:
+    settings = settings_for(weights_file, max_batch_size=2)
+    gate = threading.Event()
+
+    async def scenario() -> None:
+        app = create_app(settings, _gated_factory(settings, gate))
+        async with running(app, ready=False) as client:
+            assert await app.state.service.drain(timeout_s=5)
+            gate.set()
+            while not app.state.service.batcher.loaded:
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.2)
+            health = await client.get("/health")
+            assert (health.status_code, health.json()["status"]) == (503, "draining")
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        gate.set()
+
+
+# `python -m service` with its engine factory held until a file appears (or failing then).
+_GATED_MAIN = textwrap.dedent(
+    """
+    import pathlib, sys, time
+    import service.__main__ as main
+
+    real = main.create_engine
+
+    def gated(*args, **kwargs):
+        gate = pathlib.Path(sys.argv[1])
+        while not gate.exists():
+            time.sleep(0.05)
+        if gate.read_text() == "fail":
+            raise RuntimeError("simulated failure while loading the weights")
+        return real(*args, **kwargs)
+
+    main.create_engine = gated
+    sys.exit(main.main(sys.argv[2:]))
+    """
+)
+
+
+def _start_gated(weights: Path, gate: Path, port: int) -> subprocess.Popen[str]:
+    command = [sys.executable, "-c", _GATED_MAIN, str(gate), "--host", "127.0.0.1"]
+    command += ["--port", str(port), "--weights-path", str(weights), "--engine", "torch"]
+    command += ["--max-batch-size", "2"]
+    return subprocess.Popen(
+        command, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def _first_answer(url: str, process: subprocess.Popen[str]) -> httpx.Response:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()[1]
+        try:
+            return httpx.get(f"{url}/health", timeout=2)
+        except httpx.TransportError:
+            time.sleep(0.05)
+    pytest.fail("the port never opened")
+
+
+def test_the_port_opens_before_the_model_loads(weights_file: Path, tmp_path: Path) -> None:
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    gate = tmp_path / "gate"
+    process = _start_gated(weights_file, gate, port)
+    try:
+        first = _first_answer(url, process)  # the model is held back: still loading
+        assert (first.status_code, first.json()["status"]) == (503, "starting")
+        live = httpx.get(f"{url}/health/live", timeout=2)
+        assert (live.status_code, live.json()) == (200, {"status": "alive"})
+        assert httpx.head(f"{url}/health", timeout=2).status_code == 503
+        assert httpx.head(f"{url}/health/live", timeout=2).status_code == 200
+
+        gate.write_text("go")
+        _wait_ready(url, process)
+        assert httpx.post(f"{url}/predict", files={"file": ("a", png(1))}).status_code == 200
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+    finally:
+        gate.write_text("go")
+        if process.poll() is None:
+            process.kill()
+        process.communicate()
+
+
+def test_a_failed_load_after_the_port_opened_exits_3(weights_file: Path, tmp_path: Path) -> None:
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    gate = tmp_path / "gate"
+    process = _start_gated(weights_file, gate, port)
+    try:
+        assert _first_answer(url, process).json()["status"] == "starting"
+        gate.write_text("fail")
+        assert process.wait(timeout=60) == 3
+    finally:
+        if process.poll() is None:
+            process.kill()
+    stderr = process.communicate()[1]
+    assert "simulated failure while loading the weights" in stderr
