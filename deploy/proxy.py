@@ -76,12 +76,12 @@ def write_config(folder: Path, listen: str, replicas: Sequence[str]) -> Path:
     config = folder / "nginx.conf"
     config.write_text(
         f"{user}daemon off;\n"
-        "worker_processes 1;\n"
+        "worker_processes auto;\n"  # as in the official image's nginx.conf
         f"pid {folder / 'nginx.pid'};\n"
         "error_log stderr warn;\n"
         "events { worker_connections 1024; }\n"
         "http {\n"
-        "    access_log off;\n"
+        f"    access_log {folder / 'access.log'};\n"  # on, as in the official image
         f"{temp_paths}\n"
         f"    include {folder / 'classifier.conf'};\n"
         "}\n"
