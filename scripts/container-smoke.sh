@@ -71,6 +71,7 @@ cleanup() {
   # Backstop for anything the compose tool left behind.
   ids=$(podman ps -aq --filter "label=io.podman.compose.project=$project" 2>/dev/null || true)
   [[ -z $ids ]] || podman rm -f $ids >/dev/null 2>&1 || true
+  podman network rm "${project}_default" >/dev/null 2>&1 || true  # podman-compose 1.0 leaves it
   [[ -z ${SMOKE_REMOVE_IMAGE:-} ]] || podman rmi -f "$image" >/dev/null 2>&1 || true
   rm -rf "$workdir"
   if [[ $status -eq 0 ]]; then say "PASSED"; else say "FAILED (exit $status)"; fi
