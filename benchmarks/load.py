@@ -1,10 +1,13 @@
 """Load benchmark: the service with dynamic batching against the same service without it,
-or (`--compare engines`) the service on its fastest CPU engine against the torch engine.
+or (`--compare engines`) the service on its fastest CPU engine against the torch engine,
+or (`--compare proxy`) one replica behind the shipped nginx configuration (deploy/nginx,
+run by the system's nginx as in deploy/proxy.py) against the same replica alone.
 
     python -m benchmarks.load                       # trained weights, wrk if installed
     python -m benchmarks.load --engine torch        # batching on/off, torch engine
     python -m benchmarks.load --compare engines     # openvino vs torch, both batching
     python -m benchmarks.load --compare mirror-tta  # what averaging with the mirror costs
+    python -m benchmarks.load --compare proxy       # one replica behind nginx vs bare
     python -m benchmarks.load --no-mirror-tta       # any comparison, services without it
     python -m benchmarks.load --random-depth 56     # no trained weights yet: random ResNet56
     python -m benchmarks.load --duration 3 --concurrency 1 8 --client python   # a quick look
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -49,6 +53,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from deploy.proxy import running_proxy
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 BOUNDARY = "benchmarkboundary7MA4YWxkTrZu0gW"
@@ -270,29 +276,43 @@ def measure_service(
     args: argparse.Namespace,
     bodies: list[bytes],
     workdir: Path,
+    behind_proxy: bool = False,
 ) -> list[Measurement]:
     port = free_port()
     process = start_service(port, weights, flags, workdir / f"{name}.log")
     results = []
     try:
-        for concurrency in args.concurrency:
-            for seconds, keep in ((args.warmup, False), (args.duration, True)):
-                if seconds <= 0:
-                    continue
-                if args.client == "wrk":
-                    result = run_wrk(port, concurrency, seconds, workdir, len(bodies))
-                else:
-                    result = asyncio.run(_python_load(port, concurrency, seconds, bodies))
-                if keep:
-                    results.append(result)
-                    print(
-                        f"  {name:<9} c={concurrency:<3} {result.requests_per_s:8.1f} req/s  "
-                        f"p50 {result.p50_ms:8.1f} ms  p99 {result.p99_ms:8.1f} ms  "
-                        f"errors {result.errors}",
-                        flush=True,
-                    )
+        with contextlib.ExitStack() as stack:
+            if behind_proxy:  # the clients talk to nginx, nginx to the replica
+                replica, port = f"127.0.0.1:{port}", free_port()
+                stack.enter_context(running_proxy(f"127.0.0.1:{port}", [replica]))
+            results = _measure(name, port, args, bodies, workdir)
     finally:
         stop_service(process)
+    return results
+
+
+def _measure(
+    name: str, port: int, args: argparse.Namespace, bodies: list[bytes], workdir: Path
+) -> list[Measurement]:
+    """Each concurrency in turn against the server on `port`: warm-up, then measured."""
+    results = []
+    for concurrency in args.concurrency:
+        for seconds, keep in ((args.warmup, False), (args.duration, True)):
+            if seconds <= 0:
+                continue
+            if args.client == "wrk":
+                result = run_wrk(port, concurrency, seconds, workdir, len(bodies))
+            else:
+                result = asyncio.run(_python_load(port, concurrency, seconds, bodies))
+            if keep:
+                results.append(result)
+                print(
+                    f"  {name:<9} c={concurrency:<3} {result.requests_per_s:8.1f} req/s  "
+                    f"p50 {result.p50_ms:8.1f} ms  p99 {result.p99_ms:8.1f} ms  "
+                    f"errors {result.errors}",
+                    flush=True,
+                )
     return results
 
 
@@ -343,11 +363,13 @@ def main() -> int:
     parser.add_argument("--random-depth", type=int, help="serve a random ResNet of this depth")
     parser.add_argument(
         "--compare",
-        choices=["batching", "engines", "mirror-tta"],
+        choices=["batching", "engines", "mirror-tta", "proxy"],
         default="batching",
         help="batching: --engine with batching on and off (need 3x, p99 no worse); "
         "engines: the two --engines, both batching (need 2x); mirror-tta: --engine "
-        "batching, with and without the mirror-image averaging (no criterion: its cost)",
+        "batching, with and without the mirror-image averaging (no criterion: its cost); "
+        "proxy: --engine batching behind deploy/nginx against bare (need >= 0.95x: "
+        "issue 14's 5%% bound on the guard's cost)",
     )
     parser.add_argument(
         "--no-mirror-tta",
@@ -402,6 +424,12 @@ def main() -> int:
                 "mirror": [*common, "--engine", args.engine, *batching],
             }
             need_ratio, need_p99 = None, False
+        elif args.compare == "proxy":  # issue 14: the connection guard may cost at most 5%
+            configs = {
+                "proxy": [*common, "--engine", args.engine, *batching],
+                "bare": [*common, "--engine", args.engine, *batching],
+            }
+            need_ratio, need_p99 = 0.95, False
         else:  # issue 6: the fastest engine against torch, both batching
             fastest, baseline = args.engines
             configs = {
@@ -411,7 +439,9 @@ def main() -> int:
             need_ratio, need_p99 = 2.0, False
         print(f"weights {weights}, client {args.client}, {os.cpu_count()} CPUs", flush=True)
         results = {
-            name: measure_service(name, weights, flags, args, bodies, workdir)
+            name: measure_service(
+                name, weights, flags, args, bodies, workdir, behind_proxy=name == "proxy"
+            )
             for name, flags in configs.items()
         }
     names = tuple(configs)
