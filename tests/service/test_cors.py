@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from service.app import create_app
 from service.config import Settings
-from tests.service.support import png, settings_for
+from tests.service.support import png, settings_for, wait_ready_sync
 
 FRONT_END = "https://front.example"
 
@@ -39,6 +39,7 @@ def _preflight(client: TestClient, path: str, origin: str) -> dict[str, str]:
 def cors_client(weights_file: Path) -> Iterator[TestClient]:
     settings = settings_for(weights_file, cors_origins=(FRONT_END, "http://localhost:5173"))
     with TestClient(create_app(settings)) as client:
+        wait_ready_sync(client)  # the model loads after the port opens
         yield client
 
 
@@ -82,6 +83,7 @@ def test_without_cors_origins_no_other_origin_is_allowed(weights_file: Path) -> 
     settings = settings_for(weights_file)
     assert settings.cors_origins == ()
     with TestClient(create_app(settings)) as client:
+        wait_ready_sync(client)
         preflight = _preflight(client, "/predict", FRONT_END)
         assert "access-control-allow-origin" not in preflight
         assert preflight["status"] == "405"  # no CORS layer: OPTIONS is just not a route

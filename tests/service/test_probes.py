@@ -42,7 +42,7 @@ def test_every_get_route_answers_head_with_the_get_status_and_headers_and_no_bod
         assert head.status_code == got.status_code, path
         assert "{" in path or got.status_code == 200, path  # templated paths may 404
         assert head.content == b"", path
-        assert head.headers["content-type"] == got.headers["content-type"], path
+        assert head.headers.get("content-type") == got.headers.get("content-type"), path
         if path not in ("/metrics",):  # the metrics text changes between the two calls
             assert head.headers["content-length"] == got.headers["content-length"], path
 
