@@ -152,7 +152,7 @@ def test_a_drain_during_loading_is_not_undone_when_loading_ends(weights_file: Pa
         async with running(app, ready=False) as client:
             assert await app.state.service.drain(timeout_s=5)
             gate.set()
-            while not app.state.service.batcher.loaded:
+            while not app.state.service.loaded:
                 await asyncio.sleep(0.01)
             await asyncio.sleep(0.2)
             health = await client.get("/health")
