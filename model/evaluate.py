@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.preprocessing import mirror_averaged_logits, normalize
+from model import inference
+from model.preprocessing import normalize
 
 
 @torch.inference_mode()
@@ -49,7 +50,7 @@ def evaluate_model(
             batch = normalize(images[start : start + batch_size].to(device))
             batch = batch.contiguous(memory_format=memory_format)
             target = labels[start : start + batch_size].to(device)
-            logits = mirror_averaged_logits(model, batch) if tta else model(batch).float()
+            logits = inference.logits(model, batch, mirror_tta=tta)
             loss_sum += F.cross_entropy(logits, target, reduction="sum").item()
             predicted = logits.argmax(1)
             confusion += torch.bincount(

@@ -76,7 +76,7 @@ def create_app(
             "ready: %s %s on %s, batches of up to %d within %.1f ms",
             service.model_name,
             service.model_version,
-            service.batcher.engine.describe(),
+            service.engine.describe(),
             settings.max_batch_size,
             settings.max_wait_ms,
         )

@@ -113,18 +113,18 @@ def predict_router(max_files: int) -> APIRouter:
 async def health(service: ServiceDep) -> JSONResponse:
     """200 once the model is loaded and warmed up; 503 while starting ("starting"), when
     loading failed ("failed") or while shutting down ("draining")."""
-    engine = service.batcher.engine if service.batcher.loaded else None
+    engine = service.engine if service.loaded else None
     body = Health(
         status=service.state,
         model_name=service.model_name or None,
         model_version=service.model_version or None,
         engine=engine.name if engine else None,
         device=engine.device if engine else None,
-        mirror_tta=service.batcher.mirror_tta,
+        mirror_tta=service.settings.mirror_tta,
         max_batch_size=service.settings.max_batch_size,
         max_wait_ms=service.settings.max_wait_ms,
         queue_size=service.settings.queue_size,
-        queue_depth=service.batcher.depth,
+        queue_depth=service.queue_depth,
     )
     return JSONResponse(body.model_dump(), status_code=200 if service.state == "ready" else 503)
 

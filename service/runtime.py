@@ -10,11 +10,16 @@ One request's path, all bounded in memory and time:
 `/predict` and the Open Inference Protocol routes (service.v2) both walk this path through
 the same steps (`admitted`, `admit_more`, `decode`, `preprocess`, `infer`), so they share
 one queue limit, one batcher, the deadlines, the drain and the metrics.
+
+The Service owns the engine: it builds it and warms it up on the batcher's inference thread
+(`_load`), and hands the batcher a plain batch function (uint8 images -> class
+probabilities, through model.inference), so the batcher knows nothing of models.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -24,6 +29,7 @@ from typing import Any, Literal, TypeVar
 import torch
 from starlette.requests import Request
 
+from model.inference import class_probabilities
 from model.preprocessing import CIFAR10_CLASSES
 from service.batcher import (
     Batcher,
@@ -40,6 +46,8 @@ from service.errors import ApiError
 from service.images import DecodedImage, Upload, read_uploads
 from service.metrics import Metrics
 from service.schemas import ImageInfo, Prediction, Timings
+
+logger = logging.getLogger("service")
 
 State = Literal["starting", "ready", "draining", "failed"]
 T = TypeVar("T")
@@ -76,6 +84,9 @@ async def _client_gone(request: Request) -> None:
         pass
 
 
+Probabilities = list[float]  # one image's softmax over the classes, float32 precision
+
+
 @dataclass
 class Ticket:
     """One request's places in the service: images admitted, how many are queued, and its
@@ -94,14 +105,14 @@ class Service:
     ) -> None:
         self.settings = settings
         self.metrics = metrics
-        self.batcher = Batcher(
-            engine_factory,
+        self._engine_factory = engine_factory
+        self._engine: Engine | None = None
+        self.batcher: Batcher[torch.Tensor, Probabilities] = Batcher(
+            self._load,
             max_batch_size=settings.max_batch_size,
             max_wait_ms=settings.max_wait_ms,
             queue_size=settings.queue_size,
             metrics=metrics,
-            more_coming=lambda: self._incoming > 0,
-            mirror_tta=settings.mirror_tta,
         )
         # Decoding gets its own small pool: off the event loop, too few threads to starve
         # the inference thread of cores, and shared image by image between requests.
@@ -110,7 +121,6 @@ class Service:
         self.model_name = self.model_version = ""
         self.classes: tuple[str, ...] = CIFAR10_CLASSES
         self._pending = 0  # images admitted and not yet answered
-        self._incoming = 0  # of those, images not yet queued (being read or decoded)
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -125,7 +135,7 @@ class Service:
         except Exception:
             self.state = "failed"
             raise
-        card = self.batcher.engine.card
+        card = self.engine.card
         self.model_name = str(card.get("name", "model"))
         self.model_version = str(card.get("sha256", ""))[:12]
         self.classes = tuple(card.get("classes") or CIFAR10_CLASSES)
@@ -136,6 +146,47 @@ class Service:
         await self.batcher.stop()
         self._decoder.shutdown()
 
+    # --- the engine -------------------------------------------------------------------
+
+    def _load(self) -> Callable[[list[torch.Tensor]], list[Probabilities]]:
+        """On the inference thread (Batcher.start): build the engine, warm up every batch
+        size 1..max_batch_size (all can occur; engines that pad to a few sizes, like
+        compiled torch or CUDA graphs, warm only those), and return the batch function."""
+        engine = self._engine_factory()
+        self._engine = engine  # from here on /health names it, while it warms up
+        started = time.perf_counter()
+        engine.warm_up(range(1, self.settings.max_batch_size + 1))
+        logger.info(
+            "warm-up of batch sizes 1..%d took %.1f s",
+            self.settings.max_batch_size,
+            time.perf_counter() - started,
+        )
+        mirror_tta = self.settings.mirror_tta
+
+        def classify(images: list[torch.Tensor]) -> list[Probabilities]:
+            """uint8 images (3, 32, 32) -> one list of class probabilities each."""
+            batch = torch.stack(images)
+            return class_probabilities(engine.run, batch, mirror_tta=mirror_tta).tolist()
+
+        return classify
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the engine has been built (warm-up may still be running)."""
+        return self._engine is not None
+
+    @property
+    def queue_depth(self) -> int:
+        """Images waiting for a forward pass: queued, or in the batch still collecting."""
+        return self.batcher.depth
+
+    @property
+    def engine(self) -> Engine:
+        """The engine, once built (RuntimeError before: check `loaded`)."""
+        if self._engine is None:
+            raise RuntimeError("the engine has not been built yet")
+        return self._engine
+
     # --- admission and draining -------------------------------------------------------
 
     @property
@@ -143,7 +194,7 @@ class Service:
         """Images admitted and not yet answered."""
         return self._pending
 
-    def _admit(self, ticket: Ticket, images: int) -> None:
+    def _hold_places(self, ticket: Ticket, images: int) -> None:
         if self.state in ("starting", "failed"):
             raise _not_ready(self.state)
         if self.state != "ready":
@@ -158,13 +209,13 @@ class Service:
             )
         ticket.images += images
         self._pending += images
-        self._incoming += images
+        self.batcher.expect(images)  # to be read and decoded, then queued
         self._idle.clear()
         self.metrics.pending.set(self._pending)
 
     def _release(self, ticket: Ticket) -> None:
         self._pending -= ticket.images
-        self._incoming -= ticket.images - ticket.queued
+        self.batcher.expect(-(ticket.images - ticket.queued))  # never queued, now never will
         self.metrics.pending.set(self._pending)
         if self._pending == 0:
             self._idle.set()
@@ -174,7 +225,7 @@ class Service:
         """Hold one image's place for the request, more once it is known to carry more;
         checked before the body is read, so an overloaded service reads no uploads."""
         ticket = Ticket(images=0)
-        self._admit(ticket, 1)
+        self._hold_places(ticket, 1)
         try:
             yield ticket
         finally:
@@ -213,7 +264,7 @@ class Service:
     def admit_more(self, ticket: Ticket, images: int) -> None:
         """Hold places for `images` more images of an admitted request (429 past the limit)."""
         if images > 0:
-            self._admit(ticket, images)
+            self._hold_places(ticket, images)
 
     async def predict(self, request: Request, *, field: str, max_files: int) -> list[Prediction]:
         """Everything between the route and the batcher for /predict and /predict/batch."""
@@ -246,16 +297,16 @@ class Service:
 
     async def infer(
         self, request: Request, pixels: list[torch.Tensor], ticket: Ticket
-    ) -> list[Result]:
+    ) -> list[Result[Probabilities]]:
         """Queue the images (uint8 (3, 32, 32) each), then wait for their answers or for the
         client to leave. ApiError 429 (queue full), 504 (deadline passed in the queue), 499
         (client gone), 500 (the batch failed), 503 (shutting down)."""
-        futures: list[asyncio.Future[Result]] = []
+        futures: list[asyncio.Future[Result[Probabilities]]] = []
         try:
             for image in pixels:
                 futures.append(self.batcher.submit(image, ticket.deadline))
                 ticket.queued += 1
-                self._incoming -= 1
+                self.batcher.expect(-1)
             answers = asyncio.gather(*futures)
             watcher = asyncio.ensure_future(_client_gone(request))
             try:
@@ -283,8 +334,8 @@ class Service:
             for future in futures:
                 future.cancel()
 
-    def _prediction(self, image: DecodedImage, result: Result) -> Prediction:
-        probabilities = dict(zip(self.classes, result.probabilities, strict=True))
+    def _prediction(self, image: DecodedImage, result: Result[Probabilities]) -> Prediction:
+        probabilities = dict(zip(self.classes, result.output, strict=True))
         label = max(probabilities, key=probabilities.__getitem__)
         return Prediction(
             label=label,

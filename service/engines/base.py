@@ -1,7 +1,8 @@
 """The interface every inference engine implements.
 
-The batcher only ever calls `warm_up` once at start-up and `run` once per batch, always
-from the same long-lived worker thread (see service/batcher.py: OpenMP thread teams
+The service (service/runtime.py) builds the engine, calls `warm_up` once at start-up and
+`run` once per batch (twice with mirror TTA, see model/inference.py), always from the
+batcher's one long-lived inference thread (see service/batcher.py: OpenMP thread teams
 created per thread fight over the cores, so one thread does all inference).
 """
 

@@ -68,7 +68,7 @@ class TorchEngine(Engine):
     ) -> None:
         super().__init__(model, card, options)
         if options.threads > 0:
-            # Called from the inference thread (the batcher builds engines there), so the
+            # Called from the inference thread (the service builds engines there), so the
             # OpenMP team it sizes is the one that runs every batch.
             torch.set_num_threads(options.threads)
         self._device = resolve_device(options.device)

@@ -106,7 +106,7 @@ async def infer(request: Request, service: Service) -> Response:
         else:
             pixels = decoded.pixels
         results = await service.infer(request, pixels, ticket)
-    probabilities = np.asarray([result.probabilities for result in results], dtype=np.float32)
+    probabilities = np.asarray([result.output for result in results], dtype=np.float32)
     content, header_length = encode_response(
         decoded,
         probabilities,

@@ -189,7 +189,7 @@ async def model_version(service: VersionDep) -> ModelMetadata:
 
 
 def _metadata(service: Service) -> ModelMetadata:
-    engine = service.batcher.engine.name
+    engine = service.engine.name
     return model_metadata(
         service.model_name,
         service.model_version,

@@ -93,6 +93,48 @@ def test_full_queue_answers_429_with_retry_after(weights_file: Path) -> None:
     asyncio.run(scenario())
 
 
+def test_a_batch_of_n_files_holds_n_places_in_the_queue(weights_file: Path) -> None:
+    """queue_size counts images, not requests: a batch of 3 files fills a queue of 3, and a
+    batch of 4 is refused before any of its images reaches the model."""
+    settings = settings_for(weights_file, max_batch_size=1, queue_size=3)
+    factory, engine = gated_factory(settings)
+
+    def files(count: int, seed: int) -> list[tuple[str, tuple[str, bytes]]]:
+        return [("files", (f"{i}.png", png(seed + i))) for i in range(count)]
+
+    async def scenario() -> str:
+        app = create_app(settings, factory)
+        async with running(app) as client:
+            engine().gate.clear()  # inference blocks: the batch's images stay in hand
+            engine().started.clear()
+            held = asyncio.create_task(client.post("/predict/batch", files=files(3, 10)))
+            await asyncio.to_thread(engine().started.wait, 10)  # image 1 is in run()
+            await _wait_until(lambda: app.state.service.queue_depth == 2)  # 2 and 3 queued
+            assert app.state.service.pending == 3
+            single = await client.post("/predict", files={"file": ("a", png(9))})
+            assert single.status_code == 429
+            assert single.json()["error"]["code"] == "overloaded"
+            assert single.headers["retry-after"] == "1"
+            engine().gate.set()
+            answered = await held
+            assert answered.status_code == 200
+            assert len(answered.json()["predictions"]) == 3
+
+            too_many = await client.post("/predict/batch", files=files(4, 20))
+            assert too_many.status_code == 429
+            assert too_many.json()["error"]["code"] == "overloaded"
+            assert too_many.headers["retry-after"] == "1"
+            exactly = await client.post("/predict/batch", files=files(3, 30))
+            assert exactly.status_code == 200  # the limit itself fits
+            return (await client.get("/metrics")).text
+
+    metrics = asyncio.run(scenario())
+    # Only the two accepted batches' images were batched; none of the refused ones, not even
+    # to be dropped on the way.
+    assert metric(metrics, "inference_batch_size_sum") == 3 + 3
+    assert metric(metrics, "inference_dropped_images_total", reason="cancelled") == 0
+
+
 def test_request_past_its_deadline_gets_504_and_never_enters_a_batch(weights_file: Path) -> None:
     settings = settings_for(weights_file, max_batch_size=1, request_timeout_s=1.0)
     factory, engine = gated_factory(settings)

@@ -20,8 +20,9 @@ from fastapi.testclient import TestClient
 from service.app import create_app, load_engine
 from service.config import Settings
 from service.engines.base import Engine
+from tests.service.conftest import Spawn
 from tests.service.support import metric, png, running, settings_for, wait_ready
-from tests.service.test_process import PROJECT_ROOT, _free_port, _wait_ready
+from tests.service.test_process import _free_port, _wait_ready
 
 
 def _get_routes(client: TestClient) -> list[str]:
@@ -152,7 +153,7 @@ def test_a_drain_during_loading_is_not_undone_when_loading_ends(weights_file: Pa
         async with running(app, ready=False) as client:
             assert await app.state.service.drain(timeout_s=5)
             gate.set()
-            while not app.state.service.batcher.loaded:
+            while not app.state.service.loaded:
                 await asyncio.sleep(0.01)
             await asyncio.sleep(0.2)
             health = await client.get("/health")
@@ -186,13 +187,11 @@ _GATED_MAIN = textwrap.dedent(
 )
 
 
-def _start_gated(weights: Path, gate: Path, port: int) -> subprocess.Popen[str]:
+def _start_gated(spawn: Spawn, weights: Path, gate: Path, port: int) -> subprocess.Popen[str]:
     command = [sys.executable, "-c", _GATED_MAIN, str(gate), "--host", "127.0.0.1"]
     command += ["--port", str(port), "--weights-path", str(weights), "--engine", "torch"]
     command += ["--max-batch-size", "2"]
-    return subprocess.Popen(
-        command, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    return spawn(command)
 
 
 def _first_answer(url: str, process: subprocess.Popen[str]) -> httpx.Response:
@@ -206,11 +205,13 @@ def _first_answer(url: str, process: subprocess.Popen[str]) -> httpx.Response:
     pytest.fail("the port never opened")
 
 
-def test_the_port_opens_before_the_model_loads(weights_file: Path, tmp_path: Path) -> None:
+def test_the_port_opens_before_the_model_loads(
+    weights_file: Path, tmp_path: Path, spawn: Spawn
+) -> None:
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     gate = tmp_path / "gate"
-    process = _start_gated(weights_file, gate, port)
+    process = _start_gated(spawn, weights_file, gate, port)
     try:
         first = _first_answer(url, process)  # the model is held back: still loading
         assert (first.status_code, first.json()["status"]) == (503, "starting")
@@ -225,23 +226,18 @@ def test_the_port_opens_before_the_model_loads(weights_file: Path, tmp_path: Pat
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0
     finally:
-        gate.write_text("go")
-        if process.poll() is None:
-            process.kill()
-        process.communicate()
+        gate.write_text("go")  # the spawn fixture ends the process, whatever happened
 
 
-def test_a_failed_load_after_the_port_opened_exits_3(weights_file: Path, tmp_path: Path) -> None:
+def test_a_failed_load_after_the_port_opened_exits_3(
+    weights_file: Path, tmp_path: Path, spawn: Spawn
+) -> None:
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     gate = tmp_path / "gate"
-    process = _start_gated(weights_file, gate, port)
-    try:
-        assert _first_answer(url, process).json()["status"] == "starting"
-        gate.write_text("fail")
-        assert process.wait(timeout=60) == 3
-    finally:
-        if process.poll() is None:
-            process.kill()
+    process = _start_gated(spawn, weights_file, gate, port)
+    assert _first_answer(url, process).json()["status"] == "starting"
+    gate.write_text("fail")
+    assert process.wait(timeout=60) == 3
     stderr = process.communicate()[1]
     assert "simulated failure while loading the weights" in stderr

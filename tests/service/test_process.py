@@ -1,4 +1,7 @@
-"""`python -m service` as a real process: refusing bad weights, and draining on SIGTERM."""
+"""`python -m service` as a real process: refusing bad weights, and draining on SIGTERM.
+
+Every process a test starts goes through the `spawn` fixture (conftest.py), which kills and
+reaps the ones still running when the test ends, whether it passed or failed."""
 
 from __future__ import annotations
 
@@ -19,9 +22,8 @@ import pytest
 import torch
 
 from model.weights import card_path, sha256_of
+from tests.service.conftest import Spawn
 from tests.service.support import metric, png
-
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _free_port() -> int:
@@ -30,18 +32,45 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _service(weights: Path, port: int, *flags: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
+def _service(spawn: Spawn, weights: Path, port: int, *flags: str) -> subprocess.Popen[str]:
+    return spawn(
         [
             *(sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port)),
             # torch: no engine export into the user's cache from a test
             *("--weights-path", str(weights), "--engine", "torch", *flags),
-        ],
-        cwd=PROJECT_ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+        ]
     )
+
+
+def _listening(port: int) -> bool:
+    """Whether something accepts connections on the local port."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _wait_refused(
+    processes: dict[str, tuple[subprocess.Popen[str], int]], timeout: float = 120
+) -> dict[str, str]:
+    """Wait until every process has exited and return each one's stderr. A process that
+    opens its port instead (it started serving what it should have refused) fails the test
+    at once, not after the timeout; the timeout only bounds a hang (importing torch in
+    several processes at once on a busy machine can take a while)."""
+    stderr: dict[str, str] = {}
+    deadline = time.monotonic() + timeout
+    while len(stderr) < len(processes):
+        for reason, (process, port) in processes.items():
+            if reason in stderr:
+                continue
+            if process.poll() is not None:
+                stderr[reason] = process.communicate()[1]
+            elif _listening(port):
+                pytest.fail(f"{reason}: the service started serving instead of refusing")
+        assert time.monotonic() < deadline, f"still running: {set(processes) - set(stderr)}"
+        time.sleep(0.1)
+    return stderr
 
 
 def _copy_weights(source: Path, target: Path) -> Path:
@@ -62,7 +91,7 @@ def _edit_card(weights: Path, **changes: object) -> None:
 
 
 def test_bad_weights_exit_nonzero_with_a_one_line_reason(
-    weights_file: Path, tmp_path: Path
+    weights_file: Path, tmp_path: Path, spawn: Spawn
 ) -> None:
     missing = tmp_path / "missing" / "resnet56.safetensors"
 
@@ -97,16 +126,18 @@ def test_bad_weights_exit_nonzero_with_a_one_line_reason(
     if not torch.accelerator.is_available():
         cases["no accelerator"] = (weights_file, ("--device", "cuda"))
     # All at once: each process pays for importing torch, so in parallel they take one's time.
+    ports = {reason: _free_port() for reason in cases}
     processes = {
-        reason: _service(path, _free_port(), *flags) for reason, (path, flags) in cases.items()
+        reason: (_service(spawn, path, ports[reason], *flags), ports[reason])
+        for reason, (path, flags) in cases.items()
     }
-    for reason, process in processes.items():
-        _, stderr = process.communicate(timeout=120)
-        assert process.returncode == 2, (reason, stderr)
-        errors = [line for line in stderr.splitlines() if line.startswith("error:")]
-        assert len(errors) == 1, stderr
+    stderr = _wait_refused(processes)
+    for reason, (process, _) in processes.items():
+        assert process.returncode == 2, (reason, stderr[reason])
+        errors = [line for line in stderr[reason].splitlines() if line.startswith("error:")]
+        assert len(errors) == 1, stderr[reason]
         assert reason in errors[0], errors[0]
-        assert "Traceback" not in stderr
+        assert "Traceback" not in stderr[reason]
 
 
 def _wait_ready(url: str, process: subprocess.Popen[str], timeout: float = 120) -> None:
@@ -119,14 +150,16 @@ def _wait_ready(url: str, process: subprocess.Popen[str], timeout: float = 120) 
         except httpx.TransportError:
             pass
         time.sleep(0.2)
-    process.kill()
+    process.kill()  # to read what it said; the spawn fixture reaps it
     pytest.fail(f"the service never became ready: {process.communicate()[1]}")
 
 
-def test_sigterm_answers_every_accepted_request_then_exits_0(weights_file: Path) -> None:
+def test_sigterm_answers_every_accepted_request_then_exits_0(
+    weights_file: Path, spawn: Spawn
+) -> None:
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    process = _service(weights_file, port, "--max-batch-size", "16")
+    process = _service(spawn, weights_file, port, "--max-batch-size", "16")
     go = threading.Event()
 
     def slow_upload(seed: int) -> httpx.Response:
@@ -165,9 +198,7 @@ def test_sigterm_answers_every_accepted_request_then_exits_0(weights_file: Path)
         assert [a.status_code for a in answers] == [200] * 6, [a.text for a in answers]
         assert process.wait(timeout=60) == 0
     finally:
-        go.set()
-        if process.poll() is None:
-            process.kill()
+        go.set()  # the uploads end, whatever happened; the spawn fixture ends the process
     stderr = process.communicate()[1]
     assert "draining, 6 images in hand" in stderr
     with pytest.raises(httpx.TransportError):
