@@ -213,7 +213,7 @@ def test_engine_built_and_run_on_one_inference_thread(weights_file: Path) -> Non
             threads.append(threading.current_thread().name)
             return run(images)
 
-        engine.run = traced  # type: ignore[method-assign]
+        engine.run = traced  # type: ignore[method-assign]  # a spy on this one engine's run
         return engine
 
     async def scenario() -> None:
