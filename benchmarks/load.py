@@ -444,8 +444,8 @@ def main() -> int:
             )
             for name, flags in configs.items()
         }
-    names = tuple(configs)
-    passed = report(names, (results[names[0]], results[names[1]]), need_ratio, need_p99)
+    first, second = configs  # every comparison has two sides
+    passed = report((first, second), (results[first], results[second]), need_ratio, need_p99)
     if args.json:
         args.json.write_text(
             json.dumps(

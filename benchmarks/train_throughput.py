@@ -139,9 +139,8 @@ def project_steps(
     run = train.RunOptions(compile=not args.no_compile)
     amp_dtype = train.autocast_dtype(recipe.precision, device)
     memory_format = torch.channels_last if run.channels_last else torch.contiguous_format
-    model = resnet(recipe.depth, recipe.version, 10, recipe.shortcut).to(
-        device, memory_format=memory_format
-    )
+    model = resnet(recipe.depth, recipe.version, 10, recipe.shortcut)
+    model = model.to(device).to(memory_format=memory_format)  # as model.train does
     steps_per_epoch = math.ceil(EPOCH_IMAGES / args.batch_size)
     # The schedule only sets the lr; its length does not change the cost of a step.
     opt = train.build_optimization(model, recipe, steps_per_epoch, 100, device, amp_dtype)

@@ -25,7 +25,7 @@ import math
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageFile
 
 # CIFAR-10's label order (Krizhevsky 2009, batches.meta). Folder trees whose sub-folders
 # carry these names are indexed in this order, whatever order the file system lists them.
@@ -79,36 +79,42 @@ def _premultiplied_over_white(pixels: np.ndarray) -> Image.Image:
 
 
 def _rawmode(image: Image.Image) -> str | None:
-    """The raw mode of the pending decode (None once loaded): what the file stores, which
-    the decoded mode does not always say (16-bit samples, premultiplied alpha)."""
-    if not image.tile:
+    """The raw mode of the pending decode (None once loaded, and for an image built in
+    memory, which has no decode): what the file stores, which the decoded mode does not
+    always say (16-bit samples, premultiplied alpha)."""
+    if not isinstance(image, ImageFile.ImageFile) or not image.tile:
         return None
     args = image.tile[0].args
+    if not args:  # a decoder that takes no raw mode
+        return None
     return str(args if isinstance(args, str) else args[0])
 
 
-def _stored_premultiplied(image: Image.Image) -> np.ndarray:
+def _stored_premultiplied(image: ImageFile.ImageFile) -> np.ndarray:
     """A file with premultiplied alpha (TIFF ExtraSamples = 1) that Pillow would decode to
     straight RGBA by dividing by alpha, losing precision: decode the stored values instead,
     by the plain raw mode. Call before the image is loaded."""
     plain = {"RGBa": "RGBA", "La": "LA"}
-    image.tile = [
-        tile._replace(
-            args=plain[tile.args]
-            if isinstance(tile.args, str)
-            else (plain[tile.args[0]], *tile.args[1:])
-        )
-        for tile in image.tile
-    ]
+    tiles = []
+    for tile in image.tile:
+        args = tile.args
+        if isinstance(args, str):
+            args = plain[args]
+        elif args:
+            args = (plain[args[0]], *args[1:])
+        tiles.append(tile._replace(args=args))
+    image.tile = tiles
     return np.asarray(image)
 
 
-def _sixteen_bit_rgb(image: Image.Image) -> np.ndarray:
+def _sixteen_bit_rgb(image: ImageFile.ImageFile) -> np.ndarray:
     """A 16-bit RGB PNG's samples as uint16 (H, W, 3); call before the image is loaded.
 
     Pillow decodes 16-bit RGB to the high byte of each sample ("RGB;16B"). The low bytes
     come from decoding the same data once more with the little-endian raw mode
     ("RGB;16L"), which takes the other byte of each big-endian sample."""
+    if image.fp is None:
+        raise ValueError("read a 16-bit image's samples before it is loaded (its file is closed)")
     image.fp.seek(0)
     twin = Image.open(io.BytesIO(image.fp.read()), formats=["PNG"])
     twin.tile = [tile._replace(args="RGB;16L") for tile in twin.tile]
@@ -116,7 +122,7 @@ def _sixteen_bit_rgb(image: Image.Image) -> np.ndarray:
     return (high << 8) | np.asarray(twin).astype(np.uint16)
 
 
-def _colour_key_transparent(image: Image.Image, key: object) -> np.ndarray:
+def _colour_key_transparent(image: Image.Image, key: int | tuple[int, ...]) -> np.ndarray:
     """Where a PNG tRNS colour key makes pixels transparent: bool (H, W).
 
     The key holds raw samples at the file's bit depth, which Pillow's decoded pixels do not
@@ -125,10 +131,11 @@ def _colour_key_transparent(image: Image.Image, key: object) -> np.ndarray:
     before the image is loaded (a loaded image is taken to be 8-bit)."""
     rawmode = _rawmode(image)
     if image.mode == "RGB":
-        if rawmode == "RGB;16B":
+        if rawmode == "RGB;16B" and isinstance(image, ImageFile.ImageFile):
             return np.all(_sixteen_bit_rgb(image) == np.asarray(key, np.uint16), axis=-1)
         return np.all(np.asarray(image) == np.asarray(key, np.int64), axis=-1)
     if image.mode in ("L", "1"):
+        assert isinstance(key, int), "Pillow reads a grey colour key as one sample"
         bits = {"L;2": 2, "L;4": 4}.get(str(rawmode), 8)
         if bits < 8:
             key = int(key) * 255 // (2**bits - 1)  # e.g. 2-bit grey 1 is decoded as 85
@@ -166,7 +173,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
     key = image.info.get("transparency")
     if image.mode == "RGB" and key is None:
         return image
-    if image.mode in ("RGBA", "LA") and _rawmode(image) in ("RGBa", "La"):
+    if (
+        isinstance(image, ImageFile.ImageFile)
+        and image.mode in ("RGBA", "LA")
+        and _rawmode(image) in ("RGBa", "La")
+    ):
         return _premultiplied_over_white(_stored_premultiplied(image))
     if image.mode in ("RGBa", "La"):
         return _premultiplied_over_white(np.asarray(image))

@@ -15,7 +15,7 @@ Run `python -m model.resnet --depth 56` to print a per-stage summary.
 from __future__ import annotations
 
 import argparse
-from typing import Literal
+from typing import Literal, TypedDict, Unpack
 
 import torch
 import torch.nn.functional as F
@@ -206,20 +206,28 @@ def resnet(
     """
     if shortcut not in ("projection", "padding"):
         raise ValueError(f"shortcut must be 'projection' or 'padding', got {shortcut!r}")
-    blocks = blocks_for_depth(depth, version)
-    return ResNet(version, blocks, num_classes, shortcut)  # type: ignore[arg-type]
+    blocks = blocks_for_depth(depth, version)  # ValueError unless version is 1 or 2
+    return ResNet(1 if version == 1 else 2, blocks, num_classes, shortcut)
 
 
-def resnet20(**kwargs: object) -> ResNet:
-    return resnet(20, **kwargs)  # type: ignore[arg-type]
+class ResNetOptions(TypedDict, total=False):
+    """The keyword arguments of `resnet` after the depth."""
+
+    version: int
+    num_classes: int
+    shortcut: Shortcut
 
 
-def resnet56(**kwargs: object) -> ResNet:
-    return resnet(56, **kwargs)  # type: ignore[arg-type]
+def resnet20(**kwargs: Unpack[ResNetOptions]) -> ResNet:
+    return resnet(20, **kwargs)
 
 
-def resnet110(**kwargs: object) -> ResNet:
-    return resnet(110, **kwargs)  # type: ignore[arg-type]
+def resnet56(**kwargs: Unpack[ResNetOptions]) -> ResNet:
+    return resnet(56, **kwargs)
+
+
+def resnet110(**kwargs: Unpack[ResNetOptions]) -> ResNet:
+    return resnet(110, **kwargs)
 
 
 def count_parameters(model: nn.Module) -> int:

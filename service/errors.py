@@ -12,6 +12,7 @@ beside it as {"error": "<message>", "code": "<code>"}.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -53,7 +54,7 @@ def error_response(
     status_code: int,
     code: str,
     message: str,
-    headers: dict[str, str] | None = None,
+    headers: Mapping[str, str] | None = None,
     *,
     v2: bool = False,
 ) -> JSONResponse:

@@ -144,21 +144,20 @@ async def read_uploads(
         raise _too_large(max_bytes)  # refused before a byte of the body is read
 
     collector = _PartCollector(field, max_files)
-    callbacks = {
-        name: getattr(collector, name)
-        for name in (
-            "on_part_begin",
-            "on_header_field",
-            "on_header_value",
-            "on_header_end",
-            "on_headers_finished",
-            "on_part_data",
-            "on_part_end",
-        )
-    }
     received = 0
     try:
-        parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
+        parser = MultipartParser(
+            boundary,
+            {
+                "on_part_begin": collector.on_part_begin,
+                "on_header_field": collector.on_header_field,
+                "on_header_value": collector.on_header_value,
+                "on_header_end": collector.on_header_end,
+                "on_headers_finished": collector.on_headers_finished,
+                "on_part_data": collector.on_part_data,
+                "on_part_end": collector.on_part_end,
+            },
+        )
         async for chunk in request.stream():
             received += len(chunk)
             if received > max_bytes:

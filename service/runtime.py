@@ -309,8 +309,9 @@ class Service:
                 self.batcher.expect(-1)
             answers = asyncio.gather(*futures)
             watcher = asyncio.ensure_future(_client_gone(request))
+            racing: set[asyncio.Future[Any]] = {answers, watcher}
             try:
-                await asyncio.wait({answers, watcher}, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(racing, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 watcher.cancel()
             if not answers.done():

@@ -19,6 +19,7 @@ def write_test_weights(path: Path, depth: int = 8, version: int = 1, seed: int =
     model = resnet(depth, version)
     for module in model.modules():
         if isinstance(module, torch.nn.BatchNorm2d):
+            assert module.running_mean is not None and module.running_var is not None
             module.running_mean.uniform_(-0.1, 0.1)
             module.running_var.uniform_(0.5, 1.5)
     path.parent.mkdir(parents=True, exist_ok=True)

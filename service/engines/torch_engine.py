@@ -78,7 +78,8 @@ class TorchEngine(Engine):
             precision = "fp32" if on_cpu else "fp16"
         self.precision = precision
         self._autocast_dtype = _DTYPES.get(precision)
-        self._model = fold_batch_norms(model).to(self._device, memory_format=torch.channels_last)
+        # Two calls: torch's typed overloads of Module.to take memory_format only alone.
+        self._model = fold_batch_norms(model).to(self._device).to(memory_format=torch.channels_last)
         self._forward: Callable[[torch.Tensor], torch.Tensor] = self._model
         if options.compile:
             # dynamic=False: one specialised kernel set per batch size; sizes are padded to

@@ -379,7 +379,7 @@ def _output_choices(request: InferenceRequest, num_classes: int) -> list[OutputC
     )
     if request.outputs is None:
         return [OutputChoice(OUTPUT_NAME, default_binary)]
-    choices = []
+    choices: list[OutputChoice] = []
     for output in request.outputs:
         where = f"output {output.name!r}"
         if output.name != OUTPUT_NAME:

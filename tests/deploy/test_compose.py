@@ -48,7 +48,10 @@ def test_replicas_take_real_settings_and_get_time_to_drain() -> None:
     environment = classifier["environment"]
     unknown = {name for name in environment if name[8:].lower() not in Settings.model_fields}
     assert not unknown  # pydantic-settings would silently ignore a misspelt variable
-    defaults = {name[8:].lower(): _default(value) for name, value in environment.items()}
+    # Strings, as the environment gives them: Settings parses them.
+    defaults: dict[str, Any] = {
+        name[8:].lower(): _default(value) for name, value in environment.items()
+    }
     settings = Settings(**defaults)
     grace = int(classifier["stop_grace_period"].removesuffix("s"))
     assert grace > settings.shutdown_timeout_s

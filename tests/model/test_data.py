@@ -12,6 +12,7 @@ import random
 import tarfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pytest
@@ -94,7 +95,7 @@ def assert_labels_match_colours(dataset: data_module.Dataset, classes: Sequence[
 def make_archive(path: Path, tree: Path, top_level: str | None) -> Path:
     """A tar (gzip-compressed for .gz/.tgz) of `tree`'s class folders, optionally inside
     one top-level folder, plus files that are not training images."""
-    mode = "w:gz" if path.name.endswith((".gz", ".tgz")) else "w"
+    mode: Literal["w:gz", "w"] = "w:gz" if path.name.endswith((".gz", ".tgz")) else "w"
     with tarfile.open(path, mode) as archive:
         for file in sorted(tree.rglob("*")):
             relative = file.relative_to(tree).as_posix()

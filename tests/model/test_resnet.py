@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from model import resnet as resnet_module
-from model.resnet import PaddingShortcut, count_parameters, resnet, resnet20, resnet56, resnet110
+from model.resnet import (
+    PaddingShortcut,
+    Shortcut,
+    count_parameters,
+    resnet,
+    resnet20,
+    resnet56,
+    resnet110,
+)
 
 # He et al. 2015, Table 6 (v1, CIFAR-10).
 V1_PAPER_PARAMETERS = {20: 0.27e6, 32: 0.46e6, 44: 0.66e6, 56: 0.85e6, 110: 1.7e6}
@@ -22,8 +30,8 @@ def assert_within(actual: int, expected: float, tolerance: float = 0.03) -> None
 
 @pytest.mark.parametrize("shortcut", ["projection", "padding"])
 @pytest.mark.parametrize("depth", sorted(V1_PAPER_PARAMETERS))
-def test_v1_parameter_counts_match_the_paper(depth: int, shortcut: str) -> None:
-    model = resnet(depth, version=1, shortcut=shortcut)  # type: ignore[arg-type]
+def test_v1_parameter_counts_match_the_paper(depth: int, shortcut: Shortcut) -> None:
+    model = resnet(depth, version=1, shortcut=shortcut)
     assert_within(count_parameters(model), V1_PAPER_PARAMETERS[depth])
 
 
@@ -83,7 +91,7 @@ def test_bad_version_and_shortcut_raise() -> None:
     with pytest.raises(ValueError, match="version"):
         resnet(20, version=3)
     with pytest.raises(ValueError, match="shortcut"):
-        resnet(20, shortcut="identity")  # type: ignore[arg-type]
+        resnet(20, shortcut="identity")  # type: ignore[arg-type]  # refused at run time too
 
 
 @pytest.mark.parametrize(
@@ -91,10 +99,10 @@ def test_bad_version_and_shortcut_raise() -> None:
     [(8, 1, "projection"), (8, 1, "padding"), (11, 2, "projection")],
 )
 def test_forward_gives_one_logit_per_class_and_trains(
-    depth: int, version: int, shortcut: str
+    depth: int, version: int, shortcut: Shortcut
 ) -> None:
     torch.manual_seed(0)
-    model = resnet(depth, version=version, num_classes=7, shortcut=shortcut)  # type: ignore[arg-type]
+    model = resnet(depth, version=version, num_classes=7, shortcut=shortcut)
     images = torch.randn(4, 3, 32, 32)
     logits = model(images)
     assert logits.shape == (4, 7)

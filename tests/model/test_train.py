@@ -158,7 +158,10 @@ def test_the_better_of_model_and_ema_is_written(
     tmp_path: Path, model_score: float, ema_score: float, kept: str
 ) -> None:
     torch.manual_seed(0)
-    candidates = {"model": resnet(8, num_classes=4), "ema": resnet(8, num_classes=4)}
+    candidates: dict[str, torch.nn.Module] = {
+        "model": resnet(8, num_classes=4),
+        "ema": resnet(8, num_classes=4),
+    }
     row = {"epoch": 3, "val_accuracy": model_score, "ema_val_accuracy": ema_score}
     output = tmp_path / "kept.safetensors"
     best = train.keep_if_best(row, candidates, {"val_accuracy": 0.5}, train.Recipe(depth=8), output)
@@ -169,7 +172,10 @@ def test_the_better_of_model_and_ema_is_written(
 
 
 def test_an_epoch_that_does_not_beat_the_best_writes_nothing(tmp_path: Path) -> None:
-    candidates = {"model": resnet(8, num_classes=4), "ema": resnet(8, num_classes=4)}
+    candidates: dict[str, torch.nn.Module] = {
+        "model": resnet(8, num_classes=4),
+        "ema": resnet(8, num_classes=4),
+    }
     row = {"epoch": 4, "val_accuracy": 0.8, "ema_val_accuracy": 0.85}
     best = {"val_accuracy": 0.85, "epoch": 2, "weights": "ema"}
     output = tmp_path / "kept.safetensors"

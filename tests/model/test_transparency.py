@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import struct
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,7 @@ def _chunk(kind: bytes, payload: bytes) -> bytes:
 
 
 def png(
-    rows: list[list[int]] | list[list[tuple[int, ...]]],
+    rows: Sequence[Sequence[int]] | Sequence[Sequence[tuple[int, ...]]],
     *,
     depth: int,
     colour_type: int,
@@ -66,7 +67,7 @@ def png(
 def rgb_of(data: bytes) -> list[tuple[int, int, int]]:
     """to_rgb of the file as opened (not yet loaded, as the service and training do)."""
     image = to_rgb(Image.open(io.BytesIO(data)))
-    return [tuple(int(v) for v in pixel) for pixel in np.asarray(image).reshape(-1, 3)]
+    return [(int(r), int(g), int(b)) for r, g, b in np.asarray(image).reshape(-1, 3)]
 
 
 def grey(*values: int) -> list[tuple[int, int, int]]:
@@ -171,6 +172,19 @@ def test_premultiplied_alpha_is_composited_over_white() -> None:
     assert np.asarray(to_rgb(rgba)).tolist() == [[[227, 177, 152]]]
     la = Image.frombytes("La", (1, 1), bytes([30, 64]))  # 30 + (255 - 64) = 221
     assert np.asarray(to_rgb(la)).tolist() == [[[221, 221, 221]]]
+
+
+def test_images_built_in_memory_are_composited_over_white() -> None:
+    """An image made in memory (Image.new, fromarray) has no pending decode to read a raw
+    mode from; to_rgb once failed on it with AttributeError ('tile')."""
+    # (200, 100, 50) at alpha 128 -> (227, 177, 152); alpha 0 -> white; 255 unchanged.
+    rgba = Image.fromarray(
+        np.array([[[200, 100, 50, 128], [9, 9, 9, 0], [1, 2, 3, 255]]], np.uint8), "RGBA"
+    )
+    assert np.asarray(to_rgb(rgba)).tolist() == [[[227, 177, 152], list(WHITE), [1, 2, 3]]]
+    la = Image.new("LA", (1, 1), (100, 64))  # as grey-alpha8 above: 216
+    assert np.asarray(to_rgb(la)).tolist() == [[[216, 216, 216]]]
+    assert image_to_tensor(Image.new("RGBA", (40, 40), (0, 0, 0, 0))).unique().tolist() == [255]
 
 
 def test_palette_plus_alpha_and_gif_transparency() -> None:

@@ -81,7 +81,8 @@ class GatedEngine(Engine):
     With `fail` set it raises instead, like an engine that hit a device error."""
 
     def __init__(self, inner: Engine) -> None:
-        super().__init__(None, inner.card, inner.options)  # type: ignore[arg-type]
+        # Engine keeps no model of its own; the wrapped engine holds the real one.
+        super().__init__(torch.nn.Identity(), inner.card, inner.options)
         self.name = inner.name
         self.inner = inner
         self.gate = threading.Event()

@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import httpx
 import numpy as np
 import torch
+from starlette.types import Message
 
 from service.app import create_app, load_engine
 from service.engines.base import Engine
@@ -26,7 +27,7 @@ from tests.service.support import (
 )
 
 
-async def _wait_until(condition: Any, timeout: float = 10.0) -> None:
+async def _wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, "condition never became true"
@@ -188,7 +189,7 @@ def test_client_that_leaves_is_dropped_before_its_batch(weights_file: Path) -> N
     body = httpx.Request("POST", "http://t/predict", files={"file": ("a", png(3))})
     content = body.read()
 
-    async def scenario() -> list[dict[str, Any]]:
+    async def scenario() -> list[Message]:
         app = create_app(settings, factory)
         async with running(app) as client:
             engine().gate.clear()
@@ -198,15 +199,15 @@ def test_client_that_leaves_is_dropped_before_its_batch(weights_file: Path) -> N
             leave = asyncio.Event()
             messages = [{"type": "http.request", "body": content, "more_body": False}]
 
-            async def receive() -> dict[str, Any]:
+            async def receive() -> Message:
                 if messages:
                     return messages.pop(0)
                 await leave.wait()
                 return {"type": "http.disconnect"}
 
-            sent: list[dict[str, Any]] = []
+            sent: list[Message] = []
 
-            async def send(message: dict[str, Any]) -> None:
+            async def send(message: Message) -> None:
                 sent.append(message)
 
             scope = {
@@ -254,7 +255,7 @@ def test_engine_built_and_run_on_one_inference_thread(weights_file: Path) -> Non
             threads.append(threading.current_thread().name)
             return run(images)
 
-        engine.run = traced  # type: ignore[method-assign]
+        engine.run = traced  # type: ignore[method-assign]  # a spy on this one engine's run
         return engine
 
     async def scenario() -> None:

@@ -186,10 +186,10 @@ def test_tiff_and_webp_metadata_never_make_the_image_unreadable(client: TestClie
     for tiff in broken:
         assert_same_answer(client, tiff, plain)
     rgb = Image.fromarray(np.random.default_rng(7).integers(0, 256, (30, 36, 3), dtype=np.uint8))
-    plain, broken = io.BytesIO(), io.BytesIO()
-    rgb.save(plain, "WEBP", lossless=True)
-    rgb.save(broken, "WEBP", lossless=True, exif=b"Exif\0\0garbage", xmp=b"<x tiff:Orientation")
-    assert_same_answer(client, broken.getvalue(), plain.getvalue())
+    webp, bad_webp = io.BytesIO(), io.BytesIO()
+    rgb.save(webp, "WEBP", lossless=True)
+    rgb.save(bad_webp, "WEBP", lossless=True, exif=b"Exif\0\0garbage", xmp=b"<x tiff:Orientation")
+    assert_same_answer(client, bad_webp.getvalue(), webp.getvalue())
 
 
 def test_decompression_bombs_in_the_pixels_are_still_refused(client: TestClient) -> None:

@@ -6,13 +6,12 @@ import base64
 import io
 import re
 from pathlib import Path
-from typing import Any
 
 import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from playwright.sync_api import Browser, Page, Route, expect
+from playwright.sync_api import Browser, FilePayload, Page, Route, expect
 
 from model.preprocessing import CIFAR10_CLASSES, image_to_tensor
 
@@ -29,7 +28,7 @@ def _png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def _file(name: str, data: bytes, mime: str = "image/png") -> dict[str, Any]:
+def _file(name: str, data: bytes, mime: str = "image/png") -> FilePayload:
     return {"name": name, "mimeType": mime, "buffer": data}
 
 
