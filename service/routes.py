@@ -118,6 +118,7 @@ async def health(service: ServiceDep) -> JSONResponse:
         model_version=service.model_version,
         engine=service.batcher.engine.name,
         device=service.batcher.engine.device,
+        precision=service.batcher.engine.precision,
         mirror_tta=service.batcher.mirror_tta,
         max_batch_size=service.settings.max_batch_size,
         max_wait_ms=service.settings.max_wait_ms,

@@ -106,7 +106,11 @@ class Service:
     async def start(self) -> None:
         """Load and warm up the engine (on the inference thread), then accept requests."""
         await self.batcher.start()
-        card = self.batcher.engine.card
+        engine = self.batcher.engine
+        self.metrics.engine.info(
+            {"engine": engine.name, "device": engine.device, "precision": engine.precision}
+        )
+        card = engine.card
         self.model_name = str(card.get("name", "model"))
         self.model_version = str(card.get("sha256", ""))[:12]
         self.classes = tuple(card.get("classes") or CIFAR10_CLASSES)

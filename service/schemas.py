@@ -49,6 +49,10 @@ class Health(BaseModel):
     model_version: str
     engine: str
     device: str
+    precision: str = Field(
+        description="What the engine runs: fp32, bf16, fp16 or int8 (auto resolved).",
+        examples=["int8"],
+    )
     mirror_tta: bool = Field(description="Each image is averaged with its mirror image.")
     max_batch_size: int
     max_wait_ms: float

@@ -76,6 +76,11 @@ class TorchEngine(Engine):
         precision = options.precision
         if precision == "auto":
             precision = "fp32" if on_cpu else "fp16"
+        if precision not in ("fp32", *_DTYPES):
+            raise ValueError(
+                f"the torch engine runs fp32, bf16 or fp16, not {precision!r}: int8 is the "
+                "openvino engine's"
+            )
         self.precision = precision
         self._autocast_dtype = _DTYPES.get(precision)
         self._model = fold_batch_norms(model).to(self._device, memory_format=torch.channels_last)
