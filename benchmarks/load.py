@@ -6,6 +6,7 @@ or (`--compare litserve`) the service against LitServe serving the same model.
     python -m benchmarks.load --engine torch        # batching on/off, torch engine
     python -m benchmarks.load --compare engines     # openvino vs torch, both batching
     python -m benchmarks.load --compare mirror-tta  # what averaging with the mirror costs
+    python -m benchmarks.load --compare int8        # --precision int8 against auto
     python -m benchmarks.load --compare litserve --no-mirror-tta   # the peer, equal work
     python -m benchmarks.load --compare litserve --precision int8  # both on the INT8 model
     python -m benchmarks.load --no-mirror-tta       # any comparison, services without it
@@ -414,11 +415,12 @@ def main() -> int:
     parser.add_argument("--random-depth", type=int, help="serve a random ResNet of this depth")
     parser.add_argument(
         "--compare",
-        choices=["batching", "engines", "mirror-tta", "litserve"],
+        choices=["batching", "engines", "mirror-tta", "int8", "litserve"],
         default="batching",
         help="batching: --engine with batching on and off (need 3x, p99 no worse); "
         "engines: the two --engines, both batching (need 2x); mirror-tta: --engine "
         "batching, with and without the mirror-image averaging (no criterion: its cost); "
+        "int8: --engine batching with --precision int8 and with --precision (no criterion); "
         "litserve: the service against LitServe with the same engine and settings (need "
         "2x with --no-mirror-tta, 1.3x with mirror TTA, p99 <= 100 ms)",
     )
@@ -459,6 +461,8 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--check", action="store_true", help="exit 1 if the criterion fails")
     args = parser.parse_args()
+    if args.compare == "int8" and args.precision == "int8":
+        parser.error("--compare int8 compares int8 with --precision: pick another one")
     if args.client == "auto":
         args.client = "wrk" if shutil.which("wrk") else "python"
 
@@ -488,6 +492,10 @@ def main() -> int:
                 "no-mirror": [*common, "--engine", args.engine, *batching, "--no-mirror-tta"],
                 "mirror": [*common, "--engine", args.engine, *batching],
             }
+            need_ratio, need_p99 = None, False
+        elif args.compare == "int8":  # issue 17: what the INT8 model gains end to end
+            same = [*common, "--engine", args.engine, *batching]
+            configs = {"int8": [*same, "--precision", "int8"], args.precision: same}
             need_ratio, need_p99 = None, False
         elif args.compare == "litserve":  # issue 17: the peer framework, same model and work
             same = [*common, "--engine", args.engine, *batching]
