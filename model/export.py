@@ -14,8 +14,10 @@ normalisation constants still have one home and the runtimes need no torch op pe
 runtime's own threads for the cores).
 
 The safetensors weights stay the one source of truth: the service never needs these files.
-Its engines call `cached_onnx` / `cached_openvino` at start-up, which export from the torch
-model into a cache folder keyed by the weights' SHA-256 and reuse the result on the next start.
+Its engines call `cached_onnx` / `cached_openvino` / `cached_openvino_int8` at start-up,
+which export from the torch model (and, for INT8, quantize the OpenVINO IR with NNCF on the
+calibration images of `model.calibration`) into a cache folder keyed by the weights'
+SHA-256 and reuse the result on the next start.
 
 ONNX comes from `torch.onnx.export(dynamo=True)`, the torch.export-based exporter: it is the
 default since torch 2.9 and the maintained one, while the TorchScript exporter is deprecated
