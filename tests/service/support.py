@@ -80,6 +80,7 @@ class GatedEngine(Engine):
     def __init__(self, inner: Engine) -> None:
         super().__init__(None, inner.card, inner.options)  # type: ignore[arg-type]
         self.name = inner.name
+        self.precision = inner.precision
         self.inner = inner
         self.gate = threading.Event()
         self.gate.set()
