@@ -17,11 +17,14 @@ eager, the baseline. Rows:
 - openvino-fp32: the same forced to fp32
 - openvino-throughput: the THROUGHPUT hint instead, to confirm that LATENCY is the right
   hint for the batcher's one synchronous caller
+- openvino-int8: the NNCF-quantized model (`--precision int8`), LATENCY hint
 
 When the weights exist, every engine then classifies the validation split that model.train
 held out (`--data`, `--val-size`, `--seed` as in training) and the benchmark prints its top-1
 accuracy and the share of top-1 predictions equal to torch fp32's, against the issue's bar:
-accuracy within 0.1 points and agreement >= 99.5% (exit status 1 if an engine misses it).
+accuracy within 0.1 points and agreement >= 99.5% (exit status 1 if an engine misses it);
+for int8 the bar is issue 17's, accuracy within 0.3 points, with agreement >= 98% (INT8
+rounds every activation to 256 levels, so it flips more near-ties than bf16).
 Without weights it measures a random ResNet56 (same cost) and skips the accuracy part.
 
 Each engine exports into `--cache-dir` on its first run (keyed by the weights' SHA-256), so
@@ -45,6 +48,7 @@ from typing import Any
 import torch
 
 from benchmarks.load import random_weights
+from model.calibration import CalibrationError
 from model.export import MIN_AGREEMENT
 from model.weights import WeightsError, load_checked
 from service.engines import EngineUnavailableError, engine_class
@@ -60,8 +64,12 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     "openvino": ("openvino", {}, {}),
     "openvino-fp32": ("openvino", {"precision": "fp32"}, {}),
     "openvino-throughput": ("openvino", {}, {"performance_hint": "THROUGHPUT"}),
+    "openvino-int8": ("openvino", {"precision": "int8"}, {}),
 }
 BASELINE = "torch"
+# Accuracy parity bars, (most points of top-1 accuracy from torch fp32, least agreement).
+PARITY_BAR = (0.1, MIN_AGREEMENT)
+INT8_PARITY_BAR = (0.3, 0.98)
 
 
 @dataclass
@@ -146,14 +154,20 @@ def print_parity(results: list[Result], images: int) -> bool:
     for result in results:
         assert result.accuracy is not None and result.agreement is not None
         difference = (result.accuracy - baseline.accuracy) * 100
+        points, agreement = (
+            INT8_PARITY_BAR if result.description.get("precision") == "int8" else PARITY_BAR
+        )
         # The epsilon absorbs float error: one image in 1000 is exactly the 0.1 points allowed.
-        ok = abs(difference) <= 0.1 + 1e-9 and result.agreement >= MIN_AGREEMENT
+        ok = abs(difference) <= points + 1e-9 and result.agreement >= agreement
         all_ok &= ok
         print(
             f"{result.variant:<22}{result.accuracy:>10.2%}{difference:>+10.2f} pts"
             f"{result.agreement:>12.2%}  {'ok' if ok else 'FAIL'}"
         )
-    print("(the bar: accuracy within 0.1 points of torch fp32 and agreement >= 99.5%)")
+    print(
+        "(the bar: accuracy within 0.1 points of torch fp32 and agreement >= 99.5%; "
+        "int8: within 0.3 points, agreement >= 98%)"
+    )
     return all_ok
 
 
@@ -176,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         "--engines",
         nargs="+",
         choices=list(VARIANTS),
-        default=["torch", "onnxruntime", "openvino", "openvino-throughput"],
+        default=["torch", "onnxruntime", "openvino", "openvino-throughput", "openvino-int8"],
     )
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--seconds", type=float, default=3.0, help="measured per batch size")
@@ -219,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
             start = time.perf_counter()
             try:
                 engine = engine_class(name)(model, card, options, **extra)
-            except (EngineUnavailableError, ValueError) as error:
+            except (EngineUnavailableError, ValueError, ImportError, CalibrationError) as error:
                 print(f"{variant}: skipped ({error})")
                 if variant == BASELINE:
                     raise

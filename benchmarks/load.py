@@ -1,16 +1,22 @@
 """Load benchmark: the service with dynamic batching against the same service without it,
 or (`--compare engines`) the service on its fastest CPU engine against the torch engine,
 or (`--compare proxy`) one replica behind the shipped nginx configuration (deploy/nginx,
-run by the system's nginx as in deploy/proxy.py) against the same replica alone.
+run by the system's nginx as in deploy/proxy.py) against the same replica alone,
+or (`--compare litserve`) the service against LitServe serving the same model.
 
     python -m benchmarks.load                       # trained weights, wrk if installed
     python -m benchmarks.load --engine torch        # batching on/off, torch engine
     python -m benchmarks.load --compare engines     # openvino vs torch, both batching
     python -m benchmarks.load --compare mirror-tta  # what averaging with the mirror costs
     python -m benchmarks.load --compare proxy       # one replica behind nginx vs bare
+    python -m benchmarks.load --compare int8        # --precision int8 against auto
+    python -m benchmarks.load --compare litserve --no-mirror-tta   # the peer, equal work
+    python -m benchmarks.load --compare litserve --precision int8  # both on the INT8 model
     python -m benchmarks.load --no-mirror-tta       # any comparison, services without it
     python -m benchmarks.load --random-depth 56     # no trained weights yet: random ResNet56
     python -m benchmarks.load --duration 3 --concurrency 1 8 --client python   # a quick look
+    python -m benchmarks.load --compare litserve --no-mirror-tta --concurrency 64 \
+        --profile profiles/                         # where the CPU goes, py-spy (see below)
 
 For each of the two configurations - batching (`--max-batch-size`, default 64, within
 `--max-wait-ms`) and batching off (`max_batch_size=1`) - it starts `python -m service` on a
@@ -30,6 +36,22 @@ The load client matters on a small machine, because it shares the cores with the
   request bytes, no HTTP library), for machines without wrk. It costs more CPU than wrk.
 Only 200 answers count as served; any other status or a broken connection is reported as
 an error (there should be none: the queue limit is far above 64).
+
+`--compare litserve` (needs `pip install -e '.[bench]'`) runs `benchmarks/litserve_server.py`
+as the second server: LitServe with the same engine, precision, batching limits and mirror
+TTA setting, answering the same multipart /predict. Issue 17's bars at the highest
+concurrency: with `--no-mirror-tta` (equal work, one forward pass per image) the service
+must give 2x LitServe's throughput, with the shipped defaults 1.3x, and a p99 of at most
+100 ms either way.
+
+`--profile DIR` records each server with py-spy (`pip install -e '.[bench]'`) during the
+measured run at the highest concurrency: `py-spy record --pid PID --subprocesses --threads
+--rate 100 --duration DURATION --format flamegraph` into `DIR/<server>-c<clients>.svg`, one
+flame graph per thread (event loop, decode thread, inference thread; LitServe's processes),
+idle stacks left out, so the widths are CPU time. `--profile-native` adds C/C++ frames (the
+model inside OpenVINO, PIL, the HTTP parser). py-spy needs ptrace rights on the server
+(root, or `--cap-add SYS_PTRACE` in a container, or kernel.yama.ptrace_scope=0); the
+profiler takes CPU from the server, so a profiled run's req/s are not the benchmark's.
 """
 
 from __future__ import annotations
@@ -40,6 +62,7 @@ import contextlib
 import io
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -212,13 +235,21 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_service(port: int, weights: Path, flags: list[str], log: Path) -> subprocess.Popen:
+def start_service(
+    port: int, weights: Path, flags: list[str], log: Path, module: str = "service"
+) -> subprocess.Popen:
+    """Start `python -m module` (the service, or benchmarks.litserve_server, which takes the
+    same flags) in a process group of its own and wait until /health answers 200."""
     command = [
-        *(sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port)),
+        *(sys.executable, "-m", module, "--host", "127.0.0.1", "--port", str(port)),
         *("--weights-path", str(weights), "--log-level", "warning", *flags),
     ]
     process = subprocess.Popen(
-        command, cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL, stderr=log.open("w")
+        command,
+        cwd=PROJECT_ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=log.open("w"),
+        start_new_session=True,  # its worker processes can be stopped as one group
     )
     deadline = time.monotonic() + 600  # warm-up of a big model on a slow CPU takes a while
     while time.monotonic() < deadline:
@@ -236,11 +267,36 @@ def start_service(port: int, weights: Path, flags: list[str], log: Path) -> subp
 
 
 def stop_service(process: subprocess.Popen) -> None:
+    """SIGTERM (the service drains and exits), then SIGKILL whatever is left of its process
+    group: LitServe's main process dies on SIGTERM without stopping its workers."""
     process.send_signal(signal.SIGTERM)
     try:
         process.wait(timeout=60)
     except subprocess.TimeoutExpired:
         process.kill()
+        process.wait()
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)  # the group id is the leader's pid
+        # Give the kill a moment, so the next server does not start beside a dying one
+        # (zombies keep answering signal 0 until their new parent reaps them; hence a bound).
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            os.killpg(process.pid, 0)
+            time.sleep(0.1)
+
+
+def start_profiler(pid: int, seconds: float, output: Path, native: bool) -> subprocess.Popen[bytes]:
+    """py-spy recording `pid` and its children for `seconds` into a flame graph."""
+    py_spy = shutil.which("py-spy")
+    if py_spy is None:
+        raise SystemExit("--profile needs py-spy: pip install -e '.[bench]'")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    command = [
+        *(py_spy, "record", "--pid", str(pid), "--subprocesses", "--threads"),
+        *("--rate", "100", "--duration", str(max(1, round(seconds)))),
+        *("--format", "flamegraph", "--output", str(output), *(["--native"] if native else [])),
+    ]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
 def random_weights(depth: int, folder: Path) -> Path:
@@ -277,34 +333,50 @@ def measure_service(
     bodies: list[bytes],
     workdir: Path,
     behind_proxy: bool = False,
+    module: str = "service",
 ) -> list[Measurement]:
     port = free_port()
-    process = start_service(port, weights, flags, workdir / f"{name}.log")
+    process = start_service(port, weights, flags, workdir / f"{name}.log", module)
     results = []
     try:
         with contextlib.ExitStack() as stack:
             if behind_proxy:  # the clients talk to nginx, nginx to the replica
                 replica, port = f"127.0.0.1:{port}", free_port()
                 stack.enter_context(running_proxy(f"127.0.0.1:{port}", [replica]))
-            results = _measure(name, port, args, bodies, workdir)
+            results = _measure(name, port, args, bodies, workdir, process.pid)
     finally:
         stop_service(process)
     return results
 
 
 def _measure(
-    name: str, port: int, args: argparse.Namespace, bodies: list[bytes], workdir: Path
+    name: str,
+    port: int,
+    args: argparse.Namespace,
+    bodies: list[bytes],
+    workdir: Path,
+    server_pid: int,
 ) -> list[Measurement]:
-    """Each concurrency in turn against the server on `port`: warm-up, then measured."""
+    """Each concurrency in turn against the server on `port`: warm-up, then measured; with
+    --profile, py-spy records the server (`server_pid`) at the highest concurrency."""
     results = []
     for concurrency in args.concurrency:
         for seconds, keep in ((args.warmup, False), (args.duration, True)):
             if seconds <= 0:
                 continue
+            profiler = None
+            if args.profile and keep and concurrency == max(args.concurrency):
+                output = args.profile / f"{name}-c{concurrency}.svg"
+                profiler = start_profiler(server_pid, seconds, output, args.profile_native)
             if args.client == "wrk":
                 result = run_wrk(port, concurrency, seconds, workdir, len(bodies))
             else:
                 result = asyncio.run(_python_load(port, concurrency, seconds, bodies))
+            if profiler is not None:
+                _, errors = profiler.communicate(timeout=seconds + 120)
+                failed = errors.decode(errors="replace").strip()
+                status = f"written to {output}" if profiler.returncode == 0 else failed
+                print(f"  {name:<9} profile: {status}", flush=True)
             if keep:
                 results.append(result)
                 print(
@@ -321,10 +393,12 @@ def report(
     results: tuple[list[Measurement], list[Measurement]],
     need_ratio: float | None,
     need_p99: bool,
+    max_p99_ms: float | None = None,
 ) -> bool:
     """Both configurations side by side, their ratios, and the verdict at the highest
     concurrency: `names[0]` must give `need_ratio` x the throughput of `names[1]` (and, if
-    `need_p99`, a p99 no worse). With `need_ratio` None there is no verdict (always True)."""
+    `need_p99`, a p99 no worse; with `max_p99_ms`, a p99 of at most that). With
+    `need_ratio` None there is no verdict (always True)."""
     first, second = names
     print()
     print(
@@ -348,6 +422,9 @@ def report(
         return True
     passed = ratio >= need_ratio and a.errors == 0 and (not need_p99 or a.p99_ms <= b.p99_ms)
     p99 = f" with p99 {a.p99_ms:.1f} ms vs {b.p99_ms:.1f} ms (need <=)" if need_p99 else ""
+    if max_p99_ms is not None:
+        passed = passed and a.p99_ms <= max_p99_ms
+        p99 += f" and p99 {a.p99_ms:.1f} ms (need <= {max_p99_ms:g})"
     print(
         f"\nat concurrency {a.concurrency}: {first} gives {ratio:.2f}x the throughput of "
         f"{second} (need >= {need_ratio:g}){p99}: {'PASS' if passed else 'FAIL'}"
@@ -363,13 +440,16 @@ def main() -> int:
     parser.add_argument("--random-depth", type=int, help="serve a random ResNet of this depth")
     parser.add_argument(
         "--compare",
-        choices=["batching", "engines", "mirror-tta", "proxy"],
+        choices=["batching", "engines", "mirror-tta", "proxy", "int8", "litserve"],
         default="batching",
         help="batching: --engine with batching on and off (need 3x, p99 no worse); "
         "engines: the two --engines, both batching (need 2x); mirror-tta: --engine "
         "batching, with and without the mirror-image averaging (no criterion: its cost); "
         "proxy: --engine batching behind deploy/nginx against bare (need >= 0.95x: "
-        "issue 14's 5%% bound on the guard's cost)",
+        "issue 14's 5%% bound on the guard's cost)",; "
+        "int8: --engine batching with --precision int8 and with --precision (no criterion); "
+        "litserve: the service against LitServe with the same engine and settings (need "
+        "2x with --no-mirror-tta, 1.3x with mirror TTA, p99 <= 100 ms)",
     )
     parser.add_argument(
         "--no-mirror-tta",
@@ -385,6 +465,18 @@ def main() -> int:
         help="engines mode: the engine to check and its baseline",
     )
     parser.add_argument("--device", default="auto", help="service --device")
+    parser.add_argument("--precision", default="auto", help="service --precision (int8, ...)")
+    parser.add_argument(
+        "--litserve-args",
+        default="",
+        help="extra flags for benchmarks.litserve_server, e.g. '--fast-queue'",
+    )
+    parser.add_argument(
+        "--profile", type=Path, help="py-spy flame graphs of each server into this folder"
+    )
+    parser.add_argument(
+        "--profile-native", action="store_true", help="with --profile: C/C++ frames too"
+    )
     parser.add_argument("--threads", type=int, default=0, help="service --threads")
     parser.add_argument("--max-batch-size", type=int, default=64)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
@@ -396,6 +488,8 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--check", action="store_true", help="exit 1 if the criterion fails")
     args = parser.parse_args()
+    if args.compare == "int8" and args.precision == "int8":
+        parser.error("--compare int8 compares int8 with --precision: pick another one")
     if args.client == "auto":
         args.client = "wrk" if shutil.which("wrk") else "python"
 
@@ -410,8 +504,10 @@ def main() -> int:
             *("--max-wait-ms", str(args.max_wait_ms)),
         ]
         common = ["--device", args.device, "--threads", str(args.threads)]
+        common += ["--precision", args.precision]
         if args.no_mirror_tta:
             common.append("--no-mirror-tta")
+        max_p99_ms: float | None = None
         if args.compare == "batching":  # issue 3: the same engine, batching on and off
             configs = {
                 "batched": [*common, "--engine", args.engine, *batching],
@@ -430,6 +526,15 @@ def main() -> int:
                 "bare": [*common, "--engine", args.engine, *batching],
             }
             need_ratio, need_p99 = 0.95, False
+        elif args.compare == "int8":  # issue 17: what the INT8 model gains end to end
+            same = [*common, "--engine", args.engine, *batching]
+            configs = {"int8": [*same, "--precision", "int8"], args.precision: same}
+            need_ratio, need_p99 = None, False
+        elif args.compare == "litserve":  # issue 17: the peer framework, same model and work
+            same = [*common, "--engine", args.engine, *batching]
+            configs = {"service": same, "litserve": [*same, *shlex.split(args.litserve_args)]}
+            need_ratio, need_p99 = (2.0 if args.no_mirror_tta else 1.3), False
+            max_p99_ms = 100.0
         else:  # issue 6: the fastest engine against torch, both batching
             fastest, baseline = args.engines
             configs = {
@@ -438,14 +543,24 @@ def main() -> int:
             }
             need_ratio, need_p99 = 2.0, False
         print(f"weights {weights}, client {args.client}, {os.cpu_count()} CPUs", flush=True)
+        modules = {"litserve": "benchmarks.litserve_server"}
         results = {
             name: measure_service(
-                name, weights, flags, args, bodies, workdir, behind_proxy=name == "proxy"
+                name,
+                weights,
+                flags,
+                args,
+                bodies,
+                workdir,
+                behind_proxy=name == "proxy",
+                module=modules.get(name, "service"),
             )
             for name, flags in configs.items()
         }
-    first, second = configs  # every comparison has two sides
-    passed = report((first, second), (results[first], results[second]), need_ratio, need_p99)
+    names = tuple(configs)
+    passed = report(
+        (names[0], names[1]), (results[names[0]], results[names[1]]), need_ratio, need_p99, max_p99_ms
+    )
     if args.json:
         args.json.write_text(
             json.dumps(

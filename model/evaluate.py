@@ -5,6 +5,15 @@ matrix as a PNG. With no split flags every image in the source is evaluated;
 `--val-size N --seed S` evaluates exactly the validation split that `model.train` held
 out with the same flags. `--tta` averages the logits of each image and its mirror image.
 `--json` prints one JSON object instead of the text report.
+
+`--engine torch|onnxruntime|openvino --precision fp32|bf16|fp16|int8` evaluates through the
+service's inference engine instead of the plain torch model, on the CPU unless `--device`
+says otherwise: the same exported (or quantized) model, from the same cache
+(`--engine-cache-dir`), that `python -m service` would serve with those flags. That is how
+the README's INT8 accuracy is measured:
+
+    python -m model.evaluate --data ../shared/data/cifar10-train-jpeg.tar.gz \
+        --val-size 5000 --seed 0 --engine openvino --precision int8 [--tta]
 """
 
 from __future__ import annotations
@@ -12,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,11 +67,43 @@ def evaluate_model(
                 (target * num_classes + predicted).cpu(), minlength=num_classes**2
             ).view(num_classes, num_classes)
     model.train(was_training)
+    return _summary(confusion, loss_sum)
+
+
+@torch.inference_mode()
+def evaluate_engine(
+    run: Callable[[torch.Tensor], torch.Tensor],
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    *,
+    batch_size: int = 500,
+    tta: bool = False,
+) -> dict[str, Any]:
+    """`evaluate_model`'s figures for an inference engine: `run` is an `Engine.run`
+    (service.engines), uint8 images (N, 3, 32, 32) on the CPU -> float32 logits
+    (N, num_classes), normalising inside. With `tta`, as the service's mirror TTA does, the
+    logits of each image and its mirror image are averaged."""
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    loss_sum = 0.0
+    for start in range(0, len(labels), batch_size):
+        batch = images[start : start + batch_size]
+        target = labels[start : start + batch_size]
+        logits = mirror_averaged_logits(run, batch) if tta else run(batch).float()
+        loss_sum += F.cross_entropy(logits, target, reduction="sum").item()
+        confusion += torch.bincount(
+            target * num_classes + logits.argmax(1), minlength=num_classes**2
+        ).view(num_classes, num_classes)
+    return _summary(confusion, loss_sum)
+
+
+def _summary(confusion: torch.Tensor, loss_sum: float) -> dict[str, Any]:
+    images = int(confusion.sum())
     per_class = (confusion.diag().double() / confusion.sum(1).clamp(min=1).double()).tolist()
     return {
-        "images": len(labels),
-        "loss": loss_sum / max(1, len(labels)),
-        "accuracy": confusion.diag().sum().item() / max(1, len(labels)),
+        "images": images,
+        "loss": loss_sum / max(1, images),
+        "accuracy": confusion.diag().sum().item() / max(1, images),
         "per_class": per_class,
         "confusion_matrix": confusion.tolist(),
     }
@@ -154,6 +196,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--device", default=None)
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument(
+        "--engine",
+        choices=("torch", "onnxruntime", "openvino"),
+        default=None,
+        help="evaluate through this service engine (default: the plain torch model)",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16", "fp16", "int8"),
+        default="auto",
+        help="the engine's precision, as `python -m service --precision` (needs --engine)",
+    )
+    parser.add_argument(
+        "--engine-cache-dir",
+        type=Path,
+        default=Path("~/.cache/resnet-cifar10/engines"),
+        help="where engines keep exported models (the service's --cache-dir)",
+    )
+    parser.add_argument(
+        "--calibration-path",
+        type=Path,
+        default=None,
+        help="calibration images for --precision int8 (default: the shipped ones)",
+    )
+    parser.add_argument(
         "--plot",
         type=Path,
         default=None,
@@ -162,11 +228,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
 
+    if args.precision != "auto" and args.engine is None:
+        parser.error("--precision needs --engine (the plain torch model runs fp32)")
     try:
         model, card = load_checked(args.weights)
     except WeightsError as error:
         parser.exit(2, f"error: {error}\n")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    engine = _engine(args, model, card) if args.engine else None
     dataset = load_dataset(
         args.data,
         cifar_split=args.cifar_split,
@@ -183,14 +252,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"error: the data's classes {list(dataset.classes)} "
             f"differ from the model's {classes}\n",
         )
-    result = evaluate_model(
-        model.to(device),
-        dataset.images,
-        dataset.labels,
-        device,
-        batch_size=args.batch_size,
-        tta=args.tta,
-    )
+    if engine is not None:
+        result = evaluate_engine(
+            engine.run,
+            dataset.images,
+            dataset.labels,
+            len(classes),
+            batch_size=args.batch_size,
+            tta=args.tta,
+        )
+        result["engine"] = engine.describe()
+    else:
+        result = evaluate_model(
+            model.to(device),
+            dataset.images,
+            dataset.labels,
+            device,
+            batch_size=args.batch_size,
+            tta=args.tta,
+        )
     result["classes"] = classes
     result["per_class"] = dict(zip(classes, result["per_class"], strict=True))
     result["weights"] = str(args.weights)
@@ -206,10 +286,36 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(json.dumps(result))
     else:
         report = dict(result, per_class=list(result["per_class"].values()))
+        if engine is not None:
+            described = result["engine"]
+            print(f"engine: {described['engine']} {described['precision']} on {engine.device}")
         print(format_report(report, classes))
         if args.plot:
             print(f"\nconfusion matrix plot: {args.plot}")
     return result
+
+
+def _engine(args: argparse.Namespace, model: nn.Module, card: dict[str, Any]) -> Any:
+    """The service engine args ask for (an Engine), or exit 2 with the reason in one line."""
+    from model.calibration import DEFAULT_PATH
+    from service.config import ENGINE_PRECISIONS
+    from service.engines import EngineOptions, EngineUnavailableError, check_engine
+
+    if args.precision not in ("auto", *ENGINE_PRECISIONS[args.engine]):
+        raise SystemExit(
+            f"error: the {args.engine} engine cannot run {args.precision} (it runs auto, "
+            f"{', '.join(ENGINE_PRECISIONS[args.engine])})"
+        )
+    options = EngineOptions(
+        device=args.device or "cpu",
+        precision=args.precision,
+        cache_dir=args.engine_cache_dir.expanduser(),
+        calibration_path=args.calibration_path or DEFAULT_PATH,
+    )
+    try:
+        return check_engine(args.engine, options)(model, card, options)
+    except (EngineUnavailableError, ValueError, RuntimeError) as error:
+        raise SystemExit(f"error: {error}") from None
 
 
 if __name__ == "__main__":

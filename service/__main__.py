@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from model.weights import WeightsError, load_checked
 from service.app import create_app, engine_options
 from service.config import Settings
-from service.engines import EngineUnavailableError, create_engine, engine_class, resolve_engine_name
+from service.engines import EngineUnavailableError, check_engine, create_engine
 
 logger = logging.getLogger("service")
 
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         # Checked here, before uvicorn starts, so a bad file gives one clear line and exit 2.
         if settings.device not in ("auto", "cpu") and not torch.accelerator.is_available():
             raise EngineUnavailableError(f"device {settings.device!r}: no accelerator here")
-        engine_class(resolve_engine_name(settings.engine, engine_options(settings)))
+        check_engine(settings.engine, engine_options(settings))
         model, card = load_checked(settings.weights_path)
     except (WeightsError, EngineUnavailableError) as error:
         print(f"error: {error}", file=sys.stderr)

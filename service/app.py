@@ -39,6 +39,7 @@ def engine_options(settings: Settings) -> EngineOptions:
         device=settings.device,
         precision=settings.precision,
         cache_dir=settings.cache_dir.expanduser(),
+        calibration_path=settings.calibration_path.expanduser(),
         compile=settings.compile,
         cuda_graphs=settings.cuda_graphs,
         threads=settings.threads,

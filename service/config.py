@@ -11,15 +11,24 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # The folder above service/, so the default weights path works from a checkout and from the
 # container alike, whatever the working directory.
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
+# The precisions each engine can run, beyond "auto" (whether this CPU or GPU has native bf16
+# or fp16 is the engine's check, at load time). int8 is NNCF-quantized OpenVINO IR.
+ENGINE_PRECISIONS: dict[str, tuple[str, ...]] = {
+    "torch": ("fp32", "bf16", "fp16"),
+    "onnxruntime": ("fp32",),
+    "openvino": ("fp32", "bf16", "fp16", "int8"),
+}
+
 EngineName = Literal["auto", "torch", "onnxruntime", "openvino"]
-Precision = Literal["auto", "fp32", "bf16", "fp16"]
+Precision = Literal["auto", "fp32", "bf16", "fp16", "int8"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 
 # What a browser sends in its Origin header (RFC 6454): scheme://host[:port], nothing after.
@@ -55,7 +64,13 @@ class Settings(BaseSettings):
     precision: Precision = Field(
         "auto",
         description="auto: fp16 on CUDA; on the CPU fp32 (torch, onnxruntime) or the CPU's "
-        "native bf16 (openvino on AMX CPUs); or force fp32, bf16, fp16.",
+        "native bf16 (openvino on AMX CPUs); or force fp32, bf16, fp16; int8: the model "
+        "quantized by NNCF on the calibration images (openvino engine, CPU).",
+    )
+    calibration_path: Path = Field(
+        PROJECT_ROOT / "weights" / "cifar10-calibration.safetensors",
+        description="Calibration images for precision int8 (made by python -m "
+        "model.calibration), read on the first start for given weights.",
     )
     max_batch_size: int = Field(
         64, ge=1, le=1024, description="Most images in one forward pass; 1 turns batching off."
@@ -139,3 +154,31 @@ class Settings(BaseSettings):
         if "*" in origins and len(origins) > 1:
             raise ValueError("* already allows every origin; list no other origin beside it")
         return origins
+
+    @field_validator("precision")
+    @classmethod
+    def _engine_runs_precision(cls, precision: str, info: ValidationInfo) -> str:
+        """Refuse a precision the chosen engine cannot run, before anything is loaded."""
+        engine, device = info.data.get("engine", "auto"), info.data.get("device", "auto")
+        if precision == "int8" and device not in ("auto", "cpu"):
+            raise PydanticCustomError(
+                "precision_device",
+                "int8 runs on the CPU (the openvino engine), not on {device}: set --device "
+                "cpu or auto, or another precision",
+                {"device": device},
+            )
+        supported = ENGINE_PRECISIONS.get(engine, ())
+        if precision != "auto" and engine != "auto" and precision not in supported:
+            engines = [name for name, ok in ENGINE_PRECISIONS.items() if precision in ok]
+            raise PydanticCustomError(
+                "precision_engine",
+                "the {engine} engine cannot run {precision} (it runs auto, {supported}): "
+                "set --engine {engines} or auto, or another precision",
+                {
+                    "engine": engine,
+                    "precision": precision,
+                    "supported": ", ".join(supported),
+                    "engines": " or ".join(engines),
+                },
+            )
+        return precision

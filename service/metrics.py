@@ -11,6 +11,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    Info,
     ProcessCollector,
     generate_latest,
 )
@@ -85,6 +86,12 @@ class Metrics:
         self.pending = Gauge(
             "inference_pending_images",
             "Images admitted and not yet answered (reading, decoding, queued or running).",
+            registry=self.registry,
+        )
+
+        self.engine = Info(
+            "inference_engine",
+            "The engine serving: its name, device and precision (set once it is loaded).",
             registry=self.registry,
         )
 

@@ -120,6 +120,7 @@ async def health(service: ServiceDep) -> JSONResponse:
         model_version=service.model_version or None,
         engine=engine.name if engine else None,
         device=engine.device if engine else None,
+        precision=engine.precision if engine else None,
         mirror_tta=service.settings.mirror_tta,
         max_batch_size=service.settings.max_batch_size,
         max_wait_ms=service.settings.max_wait_ms,

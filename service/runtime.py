@@ -135,7 +135,11 @@ class Service:
         except Exception:
             self.state = "failed"
             raise
-        card = self.engine.card
+        engine = self.engine
+        self.metrics.engine.info(
+            {"engine": engine.name, "device": engine.device, "precision": engine.precision}
+        )
+        card = engine.card
         self.model_name = str(card.get("name", "model"))
         self.model_version = str(card.get("sha256", ""))[:12]
         self.classes = tuple(card.get("classes") or CIFAR10_CLASSES)

@@ -51,6 +51,11 @@ class Health(BaseModel):
     model_version: str | None = Field(description="null until the model is loaded.")
     engine: str | None = Field(description="null until the engine is built.")
     device: str | None = Field(description="null until the engine is built.")
+    precision: str | None = Field(
+        description="What the engine runs: fp32, bf16, fp16 or int8 (auto resolved); null "
+        "until the engine is built.",
+        examples=["int8"],
+    )
     mirror_tta: bool = Field(description="Each image is averaged with its mirror image.")
     max_batch_size: int
     max_wait_ms: float

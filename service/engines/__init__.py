@@ -52,10 +52,13 @@ _CPU_ENGINES: tuple[tuple[str, tuple[str, ...]], ...] = (
 
 
 def resolve_engine_name(name: str, options: EngineOptions) -> str:
-    """Map "auto" to a concrete engine: torch on an accelerator; on the CPU the fastest
-    engine that is installed and can run the requested precision, else torch."""
+    """Map "auto" to a concrete engine: openvino for int8 (the one engine that runs it);
+    torch on an accelerator; on the CPU the fastest engine that is installed and can run
+    the requested precision, else torch."""
     if name != "auto":
         return name
+    if options.precision == "int8":
+        return "openvino"
     from service.engines.torch_engine import resolve_device
 
     if resolve_device(options.device).type != "cpu":
@@ -68,10 +71,32 @@ def resolve_engine_name(name: str, options: EngineOptions) -> str:
     return "torch"
 
 
+def check_engine(name: str, options: EngineOptions) -> type[Engine]:
+    """The Engine subclass `name` resolves to, once it is known to be usable here for
+    `options.precision`: raises EngineUnavailableError (one line, with the fix) when its
+    library is missing or, for int8, when NNCF or the calibration images are. Cheap: it
+    imports the engine's module but loads no model, so `python -m service` runs it first."""
+    engine = engine_class(resolve_engine_name(name, options))
+    if options.precision == "int8":
+        from model.calibration import CalibrationError, calibration_sha256
+
+        if importlib.util.find_spec("nncf") is None:
+            raise EngineUnavailableError(
+                "precision int8 needs NNCF to quantize the model: pip install nncf"
+            )
+        try:
+            calibration_sha256(options.calibration_path)
+        except CalibrationError as error:
+            raise EngineUnavailableError(f"precision int8: {error}") from None
+    return engine
+
+
 def create_engine(
     name: str, model: torch.nn.Module, card: dict[str, Any], options: EngineOptions
 ) -> Engine:
-    """Build the engine `name` ("auto", "torch", "onnxruntime", "openvino") for `model`."""
+    """Build the engine `name` ("auto", "torch", "onnxruntime", "openvino") for `model`.
+
+    Engines raise ValueError for an option they cannot honour (device, precision)."""
     return engine_class(resolve_engine_name(name, options))(model, card, options)
 
 
@@ -80,6 +105,7 @@ __all__ = [
     "Engine",
     "EngineOptions",
     "EngineUnavailableError",
+    "check_engine",
     "create_engine",
     "engine_class",
     "resolve_engine_name",

@@ -16,16 +16,20 @@ from typing import Any
 
 import torch
 
+from model.calibration import DEFAULT_PATH as DEFAULT_CALIBRATION_PATH
+
 
 @dataclass(frozen=True)
 class EngineOptions:
     """What any engine may need besides the model; fields not relevant to one are ignored."""
 
     device: str = "auto"  # "auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:1", ...
-    precision: str = "auto"  # "auto", "fp32", "bf16", "fp16"
+    precision: str = "auto"  # "auto", "fp32", "bf16", "fp16", "int8" (openvino only)
     cache_dir: Path = Path(
         "~/.cache/resnet-cifar10/engines"
     )  # exported models, keyed by weights SHA-256
+    # uint8 calibration images for int8 (model.calibration), read when quantizing
+    calibration_path: Path = DEFAULT_CALIBRATION_PATH
     compile: bool = False  # torch.compile (torch engine)
     cuda_graphs: bool = False  # capture CUDA graphs per batch size (torch engine on CUDA)
     threads: int = 0  # CPU threads for the engine (0: library default)
@@ -40,6 +44,7 @@ class Engine(ABC):
     """
 
     name: str = "abstract"
+    precision: str = "fp32"  # what the engine actually runs ("auto" resolved), for /health
 
     def __init__(
         self, model: torch.nn.Module, card: dict[str, Any], options: EngineOptions
@@ -66,4 +71,4 @@ class Engine(ABC):
 
     def describe(self) -> dict[str, Any]:
         """Facts for /health and logs."""
-        return {"engine": self.name, "device": self.device}
+        return {"engine": self.name, "device": self.device, "precision": self.precision}

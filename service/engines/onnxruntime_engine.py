@@ -49,7 +49,7 @@ class OnnxRuntimeEngine(Engine):
         if options.precision not in ("auto", "fp32"):
             raise ValueError(
                 f"the onnxruntime engine runs fp32 only, not {options.precision!r}: set the "
-                "precision to auto or fp32 (the openvino engine runs bf16 on the CPU)"
+                "precision to auto or fp32 (the openvino engine runs bf16 and int8 on the CPU)"
             )
         self._device = _pick_device(options.device, ort.get_available_providers())
         self.model_path = cached_onnx(model, card["sha256"], options.cache_dir)
@@ -79,7 +79,6 @@ class OnnxRuntimeEngine(Engine):
 
     def describe(self) -> dict[str, Any]:
         return super().describe() | {
-            "precision": "fp32",
             "threads": self.options.threads or "one per physical core",
             "providers": self.session.get_providers(),
             "model_file": str(self.model_path),

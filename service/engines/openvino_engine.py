@@ -4,10 +4,17 @@ At start-up the torch model is exported once to `cache_dir/<weights sha256>.open
 (model.xml + model.bin, fp32 weights; see `model.export.cached_openvino`); later starts load
 that folder. The graph takes the uint8 images as they are and normalises inside.
 
-Precision is a load-time choice of the CPU plugin, not of the file: `auto` keeps OpenVINO's
-default, which is bf16 on CPUs with native bf16 (AMX or AVX512-BF16, as on this project's
-Sapphire Rapids host) and fp32 elsewhere; fp32, bf16 and fp16 can be forced. On the 2-core
-development CPU, issue 6 measured bf16 OpenVINO at 4-7x torch eager fp32.
+Floating-point precision is a load-time choice of the CPU plugin, not of the file: `auto`
+keeps OpenVINO's default, which is bf16 on CPUs with native bf16 (AMX or AVX512-BF16, as on
+this project's Sapphire Rapids host) and fp32 elsewhere; fp32, bf16 and fp16 can be forced.
+On the 2-core development CPU, issue 6 measured bf16 OpenVINO at 4-7x torch eager fp32.
+
+`int8` loads another file: the IR quantized by NNCF post-training quantization, calibrated
+on the images of `options.calibration_path` and cached as
+`cache_dir/<weights sha256>.openvino-int8-v<recipe>-<calibration sha256>/` (see
+`model.export.cached_openvino_int8`; the first start quantizes, later ones load). Its
+convolutions and the linear layer run as INT8 kernels; what stays in floating point (the
+normalisation, additions, pooling) runs at OpenVINO's default precision, as with `auto`.
 
 The performance hint decides how the cores are split. The batcher calls `run` synchronously
 from one thread, so one request is in flight at a time: LATENCY gives that request every
@@ -21,7 +28,7 @@ from typing import Any
 
 import torch
 
-from model.export import cached_openvino
+from model.export import cached_openvino, cached_openvino_int8
 from service.engines.base import Engine, EngineOptions
 
 # Options.precision -> the name OpenVINO's CPU plugin reports among its capabilities.
@@ -51,8 +58,8 @@ class OpenVinoEngine(Engine):
             )
         core = ov.Core()
         element_types = {"fp32": ov.Type.f32, "bf16": ov.Type.bf16, "fp16": ov.Type.f16}
+        default = core.get_property("CPU", hints.inference_precision)
         if options.precision == "auto":
-            default = core.get_property("CPU", hints.inference_precision)
             self.precision = next(k for k, v in element_types.items() if v == default)
         elif options.precision in element_types:
             capabilities = core.get_property("CPU", props.device.capabilities)
@@ -62,9 +69,11 @@ class OpenVinoEngine(Engine):
                     f"{capabilities}): set the precision to auto or fp32"
                 )
             self.precision = options.precision
+        elif options.precision == "int8":
+            self.precision = "int8"
         else:
             raise ValueError(
-                f"unknown precision {options.precision!r}: use auto, fp32, bf16 or fp16"
+                f"unknown precision {options.precision!r}: use auto, fp32, bf16, fp16 or int8"
             )
         if performance_hint not in ("LATENCY", "THROUGHPUT"):
             raise ValueError(
@@ -72,10 +81,16 @@ class OpenVinoEngine(Engine):
             )
         self.performance_hint = performance_hint
 
-        self.model_path = cached_openvino(model, card["sha256"], options.cache_dir)
+        if self.precision == "int8":
+            self.model_path = cached_openvino_int8(
+                model, card["sha256"], options.cache_dir, options.calibration_path
+            )
+        else:
+            self.model_path = cached_openvino(model, card["sha256"], options.cache_dir)
         config: dict[str, Any] = {
             hints.performance_mode: getattr(hints.PerformanceMode, performance_hint),
-            hints.inference_precision: element_types[self.precision],
+            # int8: the layers left in floating point run at the CPU plugin's default.
+            hints.inference_precision: element_types.get(self.precision, default),
         }
         if options.threads:
             config[props.inference_num_threads] = options.threads
@@ -98,9 +113,11 @@ class OpenVinoEngine(Engine):
     def describe(self) -> dict[str, Any]:
         import openvino as ov
         import openvino.properties as props
+        import openvino.properties.hint as hints
 
+        float_precision = self.compiled.get_property(hints.inference_precision)
         return super().describe() | {
-            "precision": self.precision,
+            "float_precision": float_precision.to_string(),  # of the layers int8 leaves in float
             "performance_hint": self.performance_hint,
             "threads": self.compiled.get_property(props.inference_num_threads),
             "streams": int(self.compiled.get_property(props.num_streams)),

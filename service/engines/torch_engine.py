@@ -76,6 +76,11 @@ class TorchEngine(Engine):
         precision = options.precision
         if precision == "auto":
             precision = "fp32" if on_cpu else "fp16"
+        if precision not in ("fp32", *_DTYPES):
+            raise ValueError(
+                f"the torch engine runs fp32, bf16 or fp16, not {precision!r}: int8 is the "
+                "openvino engine's"
+            )
         self.precision = precision
         self._autocast_dtype = _DTYPES.get(precision)
         # Two calls: torch's typed overloads of Module.to take memory_format only alone.

@@ -220,3 +220,72 @@ def test_weights_that_fail_their_checksum_are_refused(
         evaluate.main(run(weights, mixed_tree, tmp_path))
     assert exit_info.value.code == 2
     assert "SHA-256" in capsys.readouterr().err
+
+
+def test_engine_torch_gives_the_models_figures(
+    probe_weights: Path, mixed_tree: Path, tmp_path: Path
+) -> None:
+    """Through the service's torch engine (BatchNorm folded, channels_last) the counts are
+    the plain model's: the engine path scores the engine's logits, mirror TTA included."""
+    for tta in ((), ("--tta",)):
+        plain = evaluate.main(run(probe_weights, mixed_tree, tmp_path, *tta, "--json"))
+        engine = evaluate.main(
+            run(probe_weights, mixed_tree, tmp_path, *tta, "--json", "--engine", "torch")
+        )
+        assert engine["engine"]["engine"] == "torch" and engine["engine"]["precision"] == "fp32"
+        assert engine["confusion_matrix"] == plain["confusion_matrix"]
+        assert engine["loss"] == pytest.approx(plain["loss"], rel=1e-4)
+
+
+def test_engine_int8_counts_the_quantized_models_predictions(
+    probe_weights: Path, mixed_tree: Path, tmp_path: Path
+) -> None:
+    """--engine openvino --precision int8 quantizes (calibration images as given) into
+    --engine-cache-dir and scores that model's logits."""
+    pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    from model.calibration import save_calibration
+    from service.engines import EngineOptions, engine_class
+
+    dataset = load_dataset(mixed_tree, cache_dir=tmp_path / "cache")
+    calibration = save_calibration(
+        tmp_path / "calibration.safetensors", dataset.images, dataset.labels, {}
+    )
+    flags = ("--engine", "openvino", "--precision", "int8", "--calibration-path", calibration)
+    engines = tmp_path / "engines"
+    result = evaluate.main(
+        run(probe_weights, mixed_tree, tmp_path, "--json", "--engine-cache-dir", str(engines),
+            *map(str, flags))
+    )  # fmt: skip
+    assert result["engine"]["precision"] == "int8"
+    assert str(engines) in result["engine"]["model_file"]
+    model, card = load_checked(probe_weights)
+    options = EngineOptions(
+        device="cpu", precision="int8", cache_dir=engines, calibration_path=calibration
+    )
+    logits = engine_class("openvino")(model, card, options).run(dataset.images)
+    assert (
+        result["confusion_matrix"] == expected_figures(logits, dataset.labels)["confusion_matrix"]
+    )
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (("--precision", "int8"), "--precision needs --engine"),
+        (("--engine", "torch", "--precision", "int8"), "torch engine cannot run int8"),
+        (("--engine", "onnxruntime", "--precision", "bf16"), "onnxruntime engine cannot run"),
+    ],
+)
+def test_precisions_an_engine_cannot_run_are_refused(
+    probe_weights: Path,
+    mixed_tree: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    flags: tuple[str, ...],
+    message: str,
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        evaluate.main(run(probe_weights, mixed_tree, tmp_path, *flags))
+    assert exit_.value.code not in (0, None)
+    assert message in f"{exit_.value.code}{capsys.readouterr().err}"

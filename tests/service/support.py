@@ -84,6 +84,7 @@ class GatedEngine(Engine):
         # Engine keeps no model of its own; the wrapped engine holds the real one.
         super().__init__(torch.nn.Identity(), inner.card, inner.options)
         self.name = inner.name
+        self.precision = inner.precision
         self.inner = inner
         self.gate = threading.Event()
         self.gate.set()

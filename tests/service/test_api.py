@@ -114,9 +114,11 @@ def test_health_reports_ready_with_model_and_batch_settings(
     assert body["status"] == "ready"
     assert body["model_version"] == sha256_of(weights_file)[:12]
     assert body["model_name"] == "resnet8"
-    assert (body["engine"], body["device"]) == ("torch", "cpu")
+    assert (body["engine"], body["device"], body["precision"]) == ("torch", "cpu", "fp32")
     assert (body["max_batch_size"], body["max_wait_ms"]) == (8, 20)
     assert client.get("/health/live").json() == {"status": "alive"}
+    engine = {"engine": "torch", "device": "cpu", "precision": "fp32"}
+    assert metric(client.get("/metrics").text, "inference_engine_info", **engine) == 1
 
 
 def test_unknown_route_and_wrong_method_use_the_error_shape(client: TestClient) -> None:

@@ -16,6 +16,7 @@ from service.engines import (
     Engine,
     EngineOptions,
     EngineUnavailableError,
+    check_engine,
     create_engine,
     engine_class,
     resolve_engine_name,
@@ -55,6 +56,12 @@ def test_unknown_or_missing_engines_are_refused_with_a_reason() -> None:
             assert issubclass(cls, Engine)
 
 
+def test_torch_engine_refuses_int8(weights_file: Path) -> None:
+    model, card = load_checked(weights_file)
+    with pytest.raises(ValueError, match="int8 is the openvino engine's"):
+        create_engine("torch", model, card, EngineOptions(device="cpu", precision="int8"))
+
+
 def test_asking_for_cuda_without_one_fails_clearly(weights_file: Path) -> None:
     if torch.accelerator.is_available():
         pytest.skip("this machine has an accelerator")
@@ -91,7 +98,7 @@ def test_settings_from_environment_and_flags(monkeypatch: pytest.MonkeyPatch) ->
         {"max_batch_size": 0},
         {"device": "gpu"},
         {"engine": "tensorrt"},
-        {"precision": "int8"},
+        {"precision": "int4"},
         {"port": 70000},
         {"request_timeout_s": 0},
     ],
@@ -114,3 +121,48 @@ def test_auto_picks_the_fastest_installed_cpu_engine(monkeypatch: pytest.MonkeyP
     installed.discard("onnxruntime")
     assert resolve_engine_name("auto", cpu) == "torch"
     assert resolve_engine_name("onnxruntime", cpu) == "onnxruntime"  # an explicit name stays
+    int8 = EngineOptions(device="auto", precision="int8")
+    assert resolve_engine_name("auto", int8) == "openvino"  # the one engine that runs int8
+
+
+@pytest.mark.parametrize(
+    ("engine", "device", "precision", "message"),
+    [
+        ("torch", "auto", "int8", "the torch engine cannot run int8"),
+        ("onnxruntime", "cpu", "int8", "set --engine openvino or auto"),
+        ("onnxruntime", "auto", "bf16", "the onnxruntime engine cannot run bf16"),
+        ("auto", "cuda", "int8", "int8 runs on the CPU"),
+        ("openvino", "cuda:1", "int8", "int8 runs on the CPU"),
+    ],
+)
+def test_settings_refuse_a_precision_the_engine_cannot_run(
+    engine: str, device: str, precision: str, message: str
+) -> None:
+    with pytest.raises(ValidationError, match=message) as error:
+        Settings(engine=engine, device=device, precision=precision)
+    assert error.value.errors()[0]["loc"] == ("precision",)
+
+
+def test_int8_settings_accepted_for_openvino_and_auto() -> None:
+    for engine in ("openvino", "auto"):
+        settings = Settings(engine=engine, device="cpu", precision="int8")
+        assert settings.calibration_path.is_file()  # shipped beside the weights
+
+
+def test_check_engine_names_what_int8_is_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("openvino")
+    shipped = EngineOptions(device="cpu", precision="int8")
+    if importlib.util.find_spec("nncf") is not None:
+        assert check_engine("auto", shipped).name == "openvino"
+    missing = EngineOptions(precision="int8", calibration_path=tmp_path / "none.safetensors")
+    with pytest.raises(EngineUnavailableError, match=r"none\.safetensors not found: make one"):
+        check_engine("openvino", missing)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name: None if name == "nncf" else real_find_spec(name)
+    )
+    with pytest.raises(EngineUnavailableError, match="pip install nncf"):
+        check_engine("openvino", shipped)
+    assert check_engine("openvino", EngineOptions(precision="fp32")).name == "openvino"

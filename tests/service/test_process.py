@@ -5,6 +5,7 @@ reaps the ones still running when the test ends, whether it passed or failed."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import signal
@@ -122,7 +123,14 @@ def test_bad_weights_exit_nonzero_with_a_one_line_reason(
         "does not fit ResNet20": (wrong_architecture, ()),
         "model card": (no_card, ()),
         "setting engine": (weights_file, ("--engine", "tensorrt")),
+        # _service passes --engine torch
+        "torch engine cannot run int8": (weights_file, ("--precision", "int8")),
     }
+    if importlib.util.find_spec("openvino") and importlib.util.find_spec("nncf"):
+        cases["calibration images"] = (
+            weights_file,
+            ("--engine", "openvino", "--precision", "int8", "--calibration-path", "/nonexistent"),
+        )
     if not torch.accelerator.is_available():
         cases["no accelerator"] = (weights_file, ("--device", "cuda"))
     # All at once: each process pays for importing torch, so in parallel they take one's time.
