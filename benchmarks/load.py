@@ -446,7 +446,7 @@ def main() -> int:
         "engines: the two --engines, both batching (need 2x); mirror-tta: --engine "
         "batching, with and without the mirror-image averaging (no criterion: its cost); "
         "proxy: --engine batching behind deploy/nginx against bare (need >= 0.95x: "
-        "issue 14's 5%% bound on the guard's cost)",; "
+        "issue 14's 5%% bound on the guard's cost); "
         "int8: --engine batching with --precision int8 and with --precision (no criterion); "
         "litserve: the service against LitServe with the same engine and settings (need "
         "2x with --no-mirror-tta, 1.3x with mirror TTA, p99 <= 100 ms)",
@@ -559,7 +559,11 @@ def main() -> int:
         }
     names = tuple(configs)
     passed = report(
-        (names[0], names[1]), (results[names[0]], results[names[1]]), need_ratio, need_p99, max_p99_ms
+        (names[0], names[1]),
+        (results[names[0]], results[names[1]]),
+        need_ratio,
+        need_p99,
+        max_p99_ms,
     )
     if args.json:
         args.json.write_text(

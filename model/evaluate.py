@@ -89,7 +89,7 @@ def evaluate_engine(
     for start in range(0, len(labels), batch_size):
         batch = images[start : start + batch_size]
         target = labels[start : start + batch_size]
-        logits = mirror_averaged_logits(run, batch) if tta else run(batch).float()
+        logits = inference.logits(run, batch, mirror_tta=tta)
         loss_sum += F.cross_entropy(logits, target, reduction="sum").item()
         confusion += torch.bincount(
             target * num_classes + logits.argmax(1), minlength=num_classes**2
