@@ -36,7 +36,8 @@ import torch
 from fastapi import HTTPException
 from PIL import Image
 
-from model.preprocessing import CIFAR10_CLASSES, image_to_tensor, mirror_averaged_logits
+from model.inference import class_probabilities
+from model.preprocessing import CIFAR10_CLASSES, image_to_tensor
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -71,9 +72,9 @@ class ClassifierAPI(ls.LitAPI):
 
     # `request` is left unannotated on purpose: LitServe reads this annotation to choose how
     # to parse the body, and none means "the form (multipart) or JSON as it came".
-    def decode_request(self, request, **kwargs: Any) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    def decode_request(self, request, **kwargs: Any) -> torch.Tensor:  # type: ignore[no-untyped-def,unused-ignore]
         upload = request.get("file") if hasattr(request, "get") else None
-        if not hasattr(upload, "file"):
+        if upload is None or not hasattr(upload, "file"):
             raise HTTPException(400, "send one image as the multipart field 'file'")
         try:
             with Image.open(io.BytesIO(upload.file.read())) as image:
@@ -87,9 +88,7 @@ class ClassifierAPI(ls.LitAPI):
     def predict(self, x: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         if x.ndim == 3:  # max_batch_size 1: LitServe passes the one image unbatched
             return self.predict(x[None], **kwargs)[0]
-        run = self.engine.run
-        logits = mirror_averaged_logits(run, x) if self.options.mirror_tta else run(x)
-        return torch.softmax(logits.float(), dim=1)
+        return class_probabilities(self.engine.run, x, mirror_tta=self.options.mirror_tta)
 
     def unbatch(self, output: torch.Tensor) -> list[torch.Tensor]:
         return list(output)

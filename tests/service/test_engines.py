@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -303,9 +304,12 @@ def test_int8_model_is_cached_per_weights_and_calibration_sha256(
     modified = cached.stat().st_mtime_ns
     quantized: list[Path] = []
     quantize = export.quantize_openvino
-    monkeypatch.setattr(
-        export, "quantize_openvino", lambda *args: quantized.append(args[2]) or quantize(*args)
-    )
+
+    def counting_quantize(*args: Any) -> Any:
+        quantized.append(args[2])
+        return quantize(*args)
+
+    monkeypatch.setattr(export, "quantize_openvino", counting_quantize)
 
     model, card = load_checked(trained_weights)
     again = engine_class("openvino")(model, card, engine.options)
