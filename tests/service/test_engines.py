@@ -30,7 +30,7 @@ from model.weights import load_checked, read_card, sha256_of, write_card
 from service.app import create_app
 from service.engines import Engine, EngineOptions, engine_class
 from tests.helpers import write_test_weights
-from tests.service.support import metric, png, settings_for
+from tests.service.support import metric, png, settings_for, wait_ready_sync
 
 # (engine name, which is also its package, precision); bf16 runs only where the CPU has it.
 CASES = [
@@ -277,6 +277,7 @@ def test_health_and_metrics_say_int8_serves(
     engine = make_engine("openvino", "int8")
     settings = settings_for(trained_weights, engine="openvino", precision="int8")
     with TestClient(create_app(settings, lambda: engine)) as client:
+        wait_ready_sync(client)  # the model loads after the port opens
         health = client.get("/health").json()
         assert (health["engine"], health["precision"]) == ("openvino", "int8")
         labels = {"engine": "openvino", "device": "cpu", "precision": "int8"}
