@@ -10,7 +10,7 @@ out with the same flags. `--tta` averages the logits of each image and its mirro
 service's inference engine instead of the plain torch model, on the CPU unless `--device`
 says otherwise: the same exported (or quantized) model, from the same cache
 (`--engine-cache-dir`), that `python -m service` would serve with those flags. That is how
-the README's INT8 accuracy is measured:
+the model card's INT8 accuracy (weights/MODEL_CARD.md) is measured:
 
     python -m model.evaluate --data ../shared/data/cifar10-train-jpeg.tar.gz \
         --val-size 5000 --seed 0 --engine openvino --precision int8 [--tta]

@@ -8,7 +8,8 @@ optional mirror test-time augmentation, and the softmax.
 Mirror TTA averages the logits of each image and of its left-right mirror image. Training
 flips images left-right at random (`model.data`), the one augmentation it applies to every
 image with probability 1/2, so both views are equally familiar to the model and their
-errors partly cancel. It costs a second forward pass; the README gives its measured effect.
+errors partly cancel. It costs a second forward pass; the model card (weights/MODEL_CARD.md)
+gives its measured effect on accuracy, benchmarks/load.py its cost in throughput.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 `main()` tells the run top to bottom; the steps it names (`run_epoch`, `validate`,
 `keep_if_best`, `save_checkpoint`, `finish`) follow it. `Recipe` holds everything that
 determines the weights, `RunOptions` the rest. The defaults are chosen for accuracy per
-hour of compute (the README's training section gives the reasoning and the measurements):
+hour of compute (the README's training section gives the reasoning, the model card
+weights/MODEL_CARD.md the measurements):
 SGD with Nesterov momentum, weight decay on conv/linear weights only, a cosine schedule
 with linear warm-up, label smoothing 0.1, an EMA of the weights evaluated alongside,
 bf16 autocast and channels_last on the CPU, fp16 + GradScaler on CUDA, and torch.compile
@@ -1047,7 +1048,7 @@ def finish(
     wall_seconds: Callable[[], float],
 ) -> dict[str, Any]:
     """The kept weights' final fp32 figures (plain and mirrored), the curves and the card."""
-    # Beside the weights, so the plot ships with them (the README shows it).
+    # Beside the weights, so the plot ships with them (weights/MODEL_CARD.md shows it).
     plot_curves(log_path, run.output.with_name(f"{run.output.stem}_training.png"))
     from safetensors.torch import load_file
 

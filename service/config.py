@@ -103,8 +103,8 @@ class Settings(BaseSettings):
     )
     mirror_tta: bool = Field(
         True,
-        description="Average each image's logits with its mirror image's (two forward passes "
-        "per image; +0.96 points of validation accuracy on the 75-epoch ResNet56).",
+        description="Average each image's logits with its mirror image's: two forward passes "
+        "per image, for higher accuracy (the model card, weights/MODEL_CARD.md, gives it).",
     )
     decode_threads: int = Field(
         1, ge=1, le=64, description="Threads decoding images (kept off the event loop)."

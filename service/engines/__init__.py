@@ -42,9 +42,9 @@ def engine_class(name: str) -> type[Engine]:
     return getattr(module, class_name)
 
 
-# On the CPU, fastest first, as measured by benchmarks/engines.py on the 2-core Sapphire
-# Rapids host (ResNet56, model only: OpenVINO in bf16 several times torch fp32 eager, ONNX
-# Runtime about 1.5-2x). Each needs its runtime plus onnx and onnxscript, to export the model.
+# On the CPU, fastest first, as benchmarks/engines.py ranks them on ResNet56 (model only; the
+# README's benchmark section has the figures). Each needs its runtime plus onnx and
+# onnxscript, to export the model.
 _CPU_ENGINES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("openvino", ("openvino", "onnx", "onnxscript")),
     ("onnxruntime", ("onnxruntime", "onnx", "onnxscript")),

@@ -4,8 +4,9 @@ At start-up the torch model is exported once to `cache_dir/<weights sha256>.onnx
 `model.export.cached_onnx`); later starts load that file. The graph takes the uint8 images
 as they are and normalises inside, so `run` is one `session.run` call.
 
-On the 2-core development CPU, issue 6 measured about 2x torch eager fp32 at batch 64 (both
-fp32); OpenVINO, which runs bf16 on AMX there, is faster still, so `auto` prefers it.
+It is faster than torch eager fp32 on the CPU, and OpenVINO (bf16 on CPUs with native bf16)
+faster still, so `auto` prefers OpenVINO (`python -m benchmarks.engines` measures all three;
+the README gives the figures).
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """The PyTorch engine: eager mode by default, with torch.compile and graphs as options.
 
 On every device each BatchNorm that follows a convolution is folded into it, and the model
-runs in channels_last: on a 2-core CPU the two together made a batch of 64 ResNet56 images
-about 25% cheaper (fewer passes over the activations; oneDNN's NHWC kernels), and cuDNN
-needs NHWC for its tensor-core kernels.
+runs in channels_last: on the CPU the two together make a forward pass cheaper (fewer passes
+over the activations; oneDNN's NHWC kernels), and cuDNN needs NHWC for its tensor-core
+kernels.
 
 On CUDA (any accelerator torch knows, through the device-agnostic `torch.accelerator` API):
 images go to pinned host memory and are copied without blocking, the model runs under fp16

@@ -259,7 +259,7 @@ def test_int8_engine_agrees_with_torch_fp32(
     """INT8 rounds every activation and weight to 256 levels, so it flips more near-ties than
     bf16: it must still give torch fp32's top-1 class for >= 99% of the held-out images
     (measured 99.65%: 7 of 2000 flipped) and lose at most 0.5 points of accuracy (measured
-    0.05). The README gives the ResNet56's figures on the CIFAR-10 validation split."""
+    0.05). weights/MODEL_CARD.md gives the ResNet56's figures on the validation split."""
     engine = make_engine("openvino", "int8")
     assert engine.describe()["precision"] == "int8"
     images, labels, expected = reference
