@@ -6,7 +6,7 @@
 Each case runs `service.images.decode_image` in a fresh process (so that one case's peak
 does not hide the next one's), on a file written beforehand by another process, and prints
 the growth of the process's peak resident memory (ru_maxrss) across the call: what one
-decode thread holds at most for such an image. The README's Limits section quotes it.
+decode thread holds at most for such an image. docs/api.md's Limits section quotes it.
 """
 
 from __future__ import annotations

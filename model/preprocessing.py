@@ -3,7 +3,7 @@
 Training (`model.data`) and the service (`service.images`) both import from here, so the
 class order, the normalisation constants and the resize rule cannot drift apart.
 
-The rule for an arbitrary image (documented in the README):
+The rule for an arbitrary image (documented in docs/api.md, "How an image becomes model input"):
 1. Any mode becomes 8-bit RGB. Transparency in any form (alpha channel, premultiplied
    alpha, PNG tRNS colour key, transparent palette entries) is composited over white;
    16-bit greyscale is scaled down to 8 bits (not clipped); CMYK, palette and the rest use

@@ -3,7 +3,7 @@
 `main()` tells the run top to bottom; the steps it names (`run_epoch`, `validate`,
 `keep_if_best`, `save_checkpoint`, `finish`) follow it. `Recipe` holds everything that
 determines the weights, `RunOptions` the rest. The defaults are chosen for accuracy per
-hour of compute (the README's training section gives the reasoning, the model card
+hour of compute (docs/training.md, "The recipe", gives the reasoning, the model card
 weights/MODEL_CARD.md the measurements):
 SGD with Nesterov momentum, weight decay on conv/linear weights only, a cosine schedule
 with linear warm-up, label smoothing 0.1, an EMA of the weights evaluated alongside,

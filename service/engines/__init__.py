@@ -43,7 +43,7 @@ def engine_class(name: str) -> type[Engine]:
 
 
 # On the CPU, fastest first, as benchmarks/engines.py ranks them on ResNet56 (model only; the
-# README's benchmark section has the figures). Each needs its runtime plus onnx and
+# figures are in benchmarks/README.md). Each needs its runtime plus onnx and
 # onnxscript, to export the model.
 _CPU_ENGINES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("openvino", ("openvino", "onnx", "onnxscript")),

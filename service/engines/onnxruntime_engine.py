@@ -6,7 +6,7 @@ as they are and normalises inside, so `run` is one `session.run` call.
 
 It is faster than torch eager fp32 on the CPU, and OpenVINO (bf16 on CPUs with native bf16)
 faster still, so `auto` prefers OpenVINO (`python -m benchmarks.engines` measures all three;
-the README gives the figures).
+benchmarks/README.md gives the figures).
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ that folder. The graph takes the uint8 images as they are and normalises inside.
 Floating-point precision is a load-time choice of the CPU plugin, not of the file: `auto`
 keeps OpenVINO's default, which is bf16 on CPUs with native bf16 (AMX or AVX512-BF16) and
 fp32 elsewhere; fp32, bf16 and fp16 can be forced. It is the fastest CPU engine on the CPUs
-measured, which is why `auto` picks it (`python -m benchmarks.engines`; the README gives the
-figures).
+measured, which is why `auto` picks it (`python -m benchmarks.engines`; benchmarks/README.md
+gives the figures).
 
 `int8` loads another file: the IR quantized by NNCF post-training quantization, calibrated
 on the images of `options.calibration_path` and cached as

@@ -1,5 +1,5 @@
 """deploy/kubernetes: the manifests render, pass the Kubernetes schemas in strict mode, and
-say what the README promises (probes, draining, threads, security)."""
+say what docs/deployment.md promises (probes, draining, threads, security)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The shipped proxy configuration (deploy/nginx/classifier.conf), run by the system's nginx
 in front of `python -m service` replicas on loopback: the Compose deployment without
 containers. A replica stopped under load costs no request; slow and silent clients are cut
-off within the bounds the README states; the upload limit is the service's."""
+off within the bounds docs/deployment.md states; the upload limit is the service's."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from service.config import Settings
 from tests.deploy.support import PROJECT_ROOT, require_tool
 from tests.service.support import png
 
-# The bounds classifier.conf sets and the README states, in seconds.
+# The bounds classifier.conf sets and docs/deployment.md states, in seconds.
 HEAD_TIMEOUT_S = 10  # client_header_timeout: the whole request head
 BODY_PAUSE_S = 10  # client_body_timeout: a pause in the body
 IDLE_TIMEOUT_S = 10  # keepalive_timeout: an idle kept-alive connection

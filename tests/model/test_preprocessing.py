@@ -17,7 +17,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 def rule_2(image: Image.Image, size: int = 32) -> Image.Image:
-    """The README's rule 2 written out plainly: resize the short side to 32 (bicubic,
+    """docs/api.md's rule 2 written out plainly: resize the short side to 32 (bicubic,
     antialiased), keeping the aspect ratio, then take the centre 32x32."""
     width, height = image.size
     if (width, height) == (size, size):

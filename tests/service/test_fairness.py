@@ -80,7 +80,7 @@ def _heavy_png() -> bytes:
 def test_a_small_request_waits_for_at_most_one_image_of_a_heavy_batch(
     weights_file: Path, decode_log: DecodeLog
 ) -> None:
-    """The bound (README, Limits): a request waits on the decode threads for at most one
+    """The bound (docs/api.md, Limits): a request waits on the decode threads for at most one
     image of each request ahead of it. Here one decode thread, a batch of 6 heavy images
     sent first, and a small image sent once the batch has started decoding."""
     heavy = _heavy_png()

@@ -17,7 +17,7 @@ from model.preprocessing import CIFAR10_CLASSES, image_to_tensor
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 CAT = PROJECT_ROOT / "examples" / "cat.png"
-# Written by every run of test_a_cat_chosen_with_the_keyboard_is_classified; the README
+# Written by every run of test_a_cat_chosen_with_the_keyboard_is_classified; docs/api.md
 # shows it, so a change to the page shows up in the picture (commit the new one).
 SCREENSHOT = PROJECT_ROOT / "docs" / "demo.png"
 
