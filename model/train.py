@@ -49,6 +49,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from model.data import Dataset, augment, load_dataset, stratified_split
+from model.devices import DeviceUnavailableError, autocast_dtype, resolve_device
 from model.evaluate import evaluate_model
 from model.preprocessing import CIFAR10_MEAN, CIFAR10_STD, normalize
 from model.resnet import Shortcut, count_parameters, resnet
@@ -229,7 +230,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Recipe, RunOptions]:
     p.add_argument(
         "--device",
         default=None,
-        help="cuda, cpu, mps, ... (default: cuda if available)",
+        help="auto (the accelerator when present, else the CPU; the default), cpu, cuda, cuda:N, "
+        "mps, ...",
     )
     p.add_argument(
         "--threads",
@@ -287,21 +289,13 @@ def parse_duration(text: str) -> float:
     return total
 
 
-def pick_device(requested: str | None) -> torch.device:
-    if requested:
-        return torch.device(requested)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for `precision` on `device`; None means plain fp32."""
+def training_autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for `--precision` on `device` (None: plain fp32). "auto" is bf16 on
+    the CPU (AMX and AVX-512 BF16 run bf16 matmuls natively), fp16 on CUDA (with GradScaler),
+    fp32 elsewhere; the names map to dtypes in model.devices."""
     if precision == "auto":
-        if device.type == "cpu":
-            return torch.bfloat16  # AMX and AVX-512 BF16 run bf16 matmuls natively
-        if device.type == "cuda":
-            return torch.float16
-        return None
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        precision = {"cpu": "bf16", "cuda": "fp16"}.get(device.type, "fp32")
+    return autocast_dtype(precision)
 
 
 def compile_for_training(model: nn.Module, device: torch.device) -> nn.Module:
@@ -704,8 +698,12 @@ class Ranks:
 
 
 def start_ranks(requested_device: str | None) -> tuple[Ranks, torch.device]:
-    """Join torchrun's process group when torchrun started us: NCCL on CUDA, gloo on the CPU."""
-    device = pick_device(requested_device)
+    """Join torchrun's process group when torchrun started us: NCCL on CUDA, gloo on the CPU.
+    The device follows model.devices' one policy; a missing one stops the run in one line."""
+    try:
+        device = resolve_device(requested_device)
+    except DeviceUnavailableError as error:
+        raise SystemExit(f"error: --device: {error}") from None
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return Ranks(), device
     if device.type == "cuda":
@@ -858,7 +856,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     initial_state, parent_card = (
         load_initial_weights(Path(recipe.init_from), recipe) if recipe.init_from else (None, None)
     )
-    amp_dtype = autocast_dtype(recipe.precision, device)
+    amp_dtype = training_autocast_dtype(recipe.precision, device)
     memory_format = torch.channels_last if run.channels_last else torch.contiguous_format
     torch.manual_seed(recipe.seed)
     checkpoint_path, log_path = run.run_dir / "checkpoint.pt", run.run_dir / "metrics.jsonl"
