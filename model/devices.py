@@ -50,7 +50,7 @@ def resolve_device(requested: str | None = "auto") -> torch.device:
     if present is None or present.type != device.type:
         found = "there is no accelerator here" if present is None else f"this has {present.type}"
         raise DeviceUnavailableError(
-            f"device {requested!r} was asked for but {found}: use auto or cpu"
+            f"device {requested!r} was asked for but {found}: use --device auto or cpu"
         )
     return device if device.index is not None else torch.device(device.type, 0)
 

@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:  # model.devices' policy: the accelerator when present, else the CPU
         device = resolve_device(args.device)
     except DeviceUnavailableError as error:
-        parser.exit(2, f"error: --device: {error}\n")
+        parser.exit(2, f"error: {error}\n")
     engine = _engine(args, model, card) if args.engine else None
     dataset = load_dataset(
         args.data,

@@ -744,7 +744,7 @@ def start_ranks(requested_device: str | None) -> tuple[Ranks, torch.device]:
     try:
         device = resolve_device(requested_device)
     except DeviceUnavailableError as error:
-        raise SystemExit(f"error: --device: {error}") from None
+        raise SystemExit(f"error: {error}") from None
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return Ranks(), device
     if device.type == "cuda":

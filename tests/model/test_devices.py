@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from model.devices import DeviceUnavailableError, autocast_dtype, resolve_device
+from model.train import main as train_main
 from model.train import training_autocast_dtype
 
 
@@ -66,3 +69,11 @@ def test_training_auto_precision_follows_the_device() -> None:
     assert training_autocast_dtype("auto", torch.device("mps")) is None
     assert training_autocast_dtype("fp32", torch.device("cuda", 0)) is None
     assert training_autocast_dtype("fp16", torch.device("cpu")) == torch.float16
+
+
+@pytest.mark.usefixtures("no_accelerator")
+def test_training_on_a_gpu_this_machine_lacks_stops_in_one_line(tmp_path: Path) -> None:
+    argv = ["--device", "cuda", "--data", str(tmp_path / "none"), "--run-dir", str(tmp_path)]
+    with pytest.raises(SystemExit, match=r"^error: device 'cuda' was asked for but there is no"):
+        train_main(argv)
+    assert not any(tmp_path.iterdir())  # stopped before anything was written
