@@ -47,6 +47,7 @@ from torchvision import transforms
 
 from model import train
 from model.data import load_dataset
+from model.devices import resolve_device
 from model.preprocessing import CIFAR10_MEAN, CIFAR10_STD
 from model.resnet import resnet
 
@@ -137,7 +138,7 @@ def project_steps(
     the optimiser, schedule, EMA and augmentation built from model.train's defaults."""
     recipe = train.Recipe(depth=args.depth, batch_size=args.batch_size)
     run = train.RunOptions(compile=not args.no_compile)
-    amp_dtype = train.autocast_dtype(recipe.precision, device)
+    amp_dtype = train.training_autocast_dtype(recipe.precision, device)
     memory_format = torch.channels_last if run.channels_last else torch.contiguous_format
     model = resnet(recipe.depth, recipe.version, 10, recipe.shortcut)
     model = model.to(device).to(memory_format=memory_format)  # as model.train does
@@ -242,7 +243,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = resolve_device(args.device)  # model.devices' policy, as model.train
     images, labels, source = load_images(args)
     torch.manual_seed(0)
     plain_end_to_end, plain_model = plain_steps(images, labels, args, device)

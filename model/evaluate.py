@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model import inference
+from model.devices import DeviceUnavailableError, resolve_device
 from model.preprocessing import normalize
 
 
@@ -234,7 +235,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         model, card = load_checked(args.weights)
     except WeightsError as error:
         parser.exit(2, f"error: {error}\n")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:  # model.devices' policy: the accelerator when present, else the CPU
+        device = resolve_device(args.device)
+    except DeviceUnavailableError as error:
+        parser.exit(2, f"error: {error}\n")
     engine = _engine(args, model, card) if args.engine else None
     dataset = load_dataset(
         args.data,
@@ -298,16 +302,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def _engine(args: argparse.Namespace, model: nn.Module, card: dict[str, Any]) -> Any:
     """The service engine args ask for (an Engine), or exit 2 with the reason in one line."""
     from model.calibration import DEFAULT_PATH
-    from service.config import ENGINE_PRECISIONS
+    from service.config import engine_device_problem, engine_precision_problem
     from service.engines import EngineOptions, EngineUnavailableError, check_engine
 
-    if args.precision not in ("auto", *ENGINE_PRECISIONS[args.engine]):
-        raise SystemExit(
-            f"error: the {args.engine} engine cannot run {args.precision} (it runs auto, "
-            f"{', '.join(ENGINE_PRECISIONS[args.engine])})"
-        )
+    device = args.device or "cpu"
+    # The service's own refusals (service/config.py), so both refuse the same combinations.
+    problem = engine_device_problem(args.engine, device) or engine_precision_problem(
+        args.engine, device, args.precision
+    )
+    if problem is not None:
+        raise SystemExit(f"error: {problem}")
     options = EngineOptions(
-        device=args.device or "cpu",
+        device=device,
         precision=args.precision,
         cache_dir=args.engine_cache_dir.expanduser(),
         calibration_path=args.calibration_path or DEFAULT_PATH,

@@ -1,7 +1,8 @@
 """Train a CIFAR ResNet: `python -m model.train --data PATH`.
 
-`main()` tells the run top to bottom; the steps it names (`run_epoch`, `validate`,
-`keep_if_best`, `save_checkpoint`, `finish`) follow it. `Recipe` holds everything that
+`main()` tells the run top to bottom (set-up, data, model and optimisation, the loop,
+finish); the steps it names (`set_up`, `prepare_data`, `build_model`, `start_training`,
+`train_one_epoch`, `finish`) follow it. `Recipe` holds everything that
 determines the weights, `RunOptions` the rest. The defaults are chosen for accuracy per
 hour of compute (docs/training.md, "The recipe", gives the reasoning, the model card
 weights/MODEL_CARD.md the measurements):
@@ -50,6 +51,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from model.data import Dataset, augment, load_dataset, stratified_split
+from model.devices import DeviceUnavailableError, autocast_dtype, resolve_device
 from model.evaluate import evaluate_model
 from model.preprocessing import CIFAR10_MEAN, CIFAR10_STD, normalize
 from model.resnet import Shortcut, count_parameters, resnet
@@ -130,53 +132,105 @@ class RunOptions:
     compile: bool = True
     no_progress: bool = False
 
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.run_dir / "checkpoint.pt"
+
+    @property
+    def log_path(self) -> Path:
+        return self.run_dir / "metrics.jsonl"
+
 
 def parse_args(argv: list[str] | None = None) -> tuple[Recipe, RunOptions]:
-    """The command line as a recipe and run options; exits with status 2 on bad flags."""
-    p = argparse.ArgumentParser(
+    """The command line as a recipe and run options; exits with status 2 on bad flags.
+
+    The flags come in groups (shown so by --help): the recipe's (data, architecture,
+    length, optimisation, augmentation and precision), then the run options'."""
+    parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument(
+    add_data_flags(parser)
+    add_architecture_flags(parser)
+    add_length_flags(parser)
+    add_optimisation_flags(parser)
+    add_augmentation_flags(parser)
+    add_run_flags(parser)
+    args = parser.parse_args(argv)
+    if args.output is None:
+        args.output = args.run_dir / f"resnet{args.depth}.safetensors"
+    if args.init_from is not None:
+        args.init_from = str(args.init_from)
+    if args.time_budget is not None and args.schedule == "step":
+        parser.error(
+            "--time-budget needs --schedule cosine or onecycle: the step schedule is fixed"
+        )
+    values = vars(args)
+    recipe = Recipe(**{field.name: values[field.name] for field in fields(Recipe)})
+    run = RunOptions(**{field.name: values[field.name] for field in fields(RunOptions)})
+    return recipe, run
+
+
+def add_data_flags(parser: argparse.ArgumentParser) -> None:
+    """Where the images come from (run options) and which of them train (recipe)."""
+    group = parser.add_argument_group("data")
+    group.add_argument(
         "--data",
         default=None,
         help="cifar-10-batches-py folder, class-folder tree, or .tar/.tar.gz "
         f"(default: ${DATA_ENV}, else {DEFAULT_DATA_DIR}/, fetched there with torchvision "
         "where there is internet)",
     )
-    p.add_argument(
+    group.add_argument(
         "--data-description",
         default="",
         help="what the data is and where it comes from, for the model card",
     )
-    p.add_argument(
-        "--download",
-        action="store_true",
-        help="fetch torchvision's CIFAR-10 into --data first",
+    group.add_argument(
+        "--download", action="store_true", help="fetch torchvision's CIFAR-10 into --data first"
     )
-    p.add_argument(
-        "--val-size",
-        type=int,
-        default=5000,
-        help="stratified validation images held out (0: none)",
+    group.add_argument(
+        "--val-size", type=int, default=5000, help="stratified validation images held out (0: none)"
     )
-    p.add_argument(
-        "--limit",
-        type=int,
-        default=0,
-        help="use only this many training images (0: all)",
+    group.add_argument(
+        "--limit", type=int, default=0, help="use only this many training images (0: all)"
     )
-    p.add_argument("--depth", type=int, default=56)
-    p.add_argument("--version", type=int, default=1, choices=(1, 2))
-    p.add_argument("--shortcut", default="projection", choices=("projection", "padding"))
-    length = p.add_mutually_exclusive_group()
-    length.add_argument(
+    group.add_argument(
+        "--seed", type=int, default=0, help="split, initialisation, shuffling, augmentation"
+    )
+    group.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="decoded-image cache (default ~/.cache/resnet-cifar10)",
+    )
+
+
+def add_architecture_flags(parser: argparse.ArgumentParser) -> None:
+    """The network (model/resnet.py), and weights to start it from."""
+    group = parser.add_argument_group("architecture")
+    group.add_argument("--depth", type=int, default=56)
+    group.add_argument("--version", type=int, default=1, choices=(1, 2))
+    group.add_argument("--shortcut", default="projection", choices=("projection", "padding"))
+    group.add_argument(
+        "--init-from",
+        default=None,
+        metavar="WEIGHTS",
+        help="start from these weights (checked against their card) with a fresh optimiser "
+        "and schedule, instead of random initialisation; the card records the lineage",
+    )
+
+
+def add_length_flags(parser: argparse.ArgumentParser) -> None:
+    """How long the run is: a number of epochs or a wall-time budget, not both."""
+    group = parser.add_argument_group("length").add_mutually_exclusive_group()
+    group.add_argument(
         "--epochs",
         type=int,
         default=None,
         help=f"epochs in the schedule (default: {CUDA_DEFAULT_EPOCHS} on CUDA; "
         f"on other devices a time budget of {CPU_DEFAULT_BUDGET})",
     )
-    length.add_argument(
+    group.add_argument(
         "--time-budget",
         type=parse_duration,
         default=None,
@@ -184,93 +238,82 @@ def parse_args(argv: list[str] | None = None) -> tuple[Recipe, RunOptions]:
         help="wall time for the whole run, e.g. 2h15m, 90m, 600s: the epoch count is fitted to "
         "it from measured epoch times, so that lr reaches 0 and the weights are written in time",
     )
-    p.add_argument(
-        "--init-from",
-        default=None,
-        metavar="WEIGHTS",
-        help="start from these weights (checked against their card) with a fresh optimiser "
-        "and schedule, instead of random initialisation; the card records the lineage",
-    )
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--optimizer", default="sgd", choices=("sgd", "adam"))
-    p.add_argument(
+
+
+def add_optimisation_flags(parser: argparse.ArgumentParser) -> None:
+    """Optimiser, weight decay, schedule, loss and weight averaging."""
+    group = parser.add_argument_group("optimisation")
+    group.add_argument("--batch-size", type=int, default=128)
+    group.add_argument("--optimizer", default="sgd", choices=("sgd", "adam"))
+    group.add_argument(
         "--lr",
         type=float,
         default=None,
         help="peak learning rate (default: 0.1 for sgd, 1e-3 for adam)",
     )
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--weight-decay", type=float, default=5e-4)
-    p.add_argument(
-        "--decay-bn-and-bias",
-        action="store_true",
-        help="also apply weight decay to BN and biases",
+    group.add_argument("--momentum", type=float, default=0.9)
+    group.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=True)
+    group.add_argument("--weight-decay", type=float, default=5e-4)
+    group.add_argument(
+        "--decay-bn-and-bias", action="store_true", help="also apply weight decay to BN and biases"
     )
-    p.add_argument("--schedule", default="cosine", choices=("cosine", "onecycle", "step"))
-    p.add_argument("--warmup-epochs", type=float, default=2.0)
-    p.add_argument("--label-smoothing", type=float, default=0.1)
-    p.add_argument("--ema-decay", type=float, default=0.999, help="per-step EMA decay (0: no EMA)")
-    p.add_argument("--crop-padding", type=int, default=4)
-    p.add_argument("--no-flip", action="store_true")
-    p.add_argument("--cutout", type=int, default=0, help="cutout square size in pixels (0: off)")
-    p.add_argument(
+    group.add_argument("--schedule", default="cosine", choices=("cosine", "onecycle", "step"))
+    group.add_argument("--warmup-epochs", type=float, default=2.0)
+    group.add_argument("--label-smoothing", type=float, default=0.1)
+    group.add_argument(
+        "--ema-decay", type=float, default=0.999, help="per-step EMA decay (0: no EMA)"
+    )
+
+
+def add_augmentation_flags(parser: argparse.ArgumentParser) -> None:
+    """Batch augmentation (model/data.py) and the training precision."""
+    group = parser.add_argument_group("augmentation and precision")
+    group.add_argument("--crop-padding", type=int, default=4)
+    group.add_argument("--no-flip", action="store_true")
+    group.add_argument(
+        "--cutout", type=int, default=0, help="cutout square size in pixels (0: off)"
+    )
+    group.add_argument(
         "--precision",
         default="auto",
         choices=("auto", "fp32", "bf16", "fp16"),
-        help="auto: bf16 on CPU, fp16 on CUDA (bf16 if supported), fp32 elsewhere",
+        help="auto: bf16 on CPU, fp16 on CUDA, fp32 elsewhere",
     )
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument(
+
+
+def add_run_flags(parser: argparse.ArgumentParser) -> None:
+    """How and where the run goes (RunOptions): none of these changes the weights."""
+    group = parser.add_argument_group("run (not part of the recipe)")
+    group.add_argument(
+        "--device",
+        default=None,
+        help="auto (the accelerator when present, else the CPU; the default), cpu, cuda, "
+        "cuda:N, mps, ...",
+    )
+    group.add_argument(
+        "--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)"
+    )
+    group.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
+    group.add_argument(
         "--compile",
         action=argparse.BooleanOptionalAction,
         default=True,
         help="torch.compile the model (needs a C++ compiler on the CPU; the first steps wait)",
     )
-    p.add_argument(
-        "--device",
-        default=None,
-        help="cuda, cpu, mps, ... (default: cuda if available)",
+    group.add_argument(
+        "--run-dir", type=Path, default=Path("runs/resnet56"), help="checkpoints, log, plots"
     )
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=0,
-        help="CPU threads for torch (0: torch's default)",
-    )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--run-dir",
-        type=Path,
-        default=Path("runs/resnet56"),
-        help="checkpoints, log, plots",
-    )
-    p.add_argument(
+    group.add_argument(
         "--output",
         type=Path,
         default=None,
         help="weights file, with its card and curves beside it (default: in --run-dir; "
         "nothing is written into weights/ unless this names it)",
     )
-    p.add_argument("--resume", action="store_true", help="continue from --run-dir/checkpoint.pt")
-    p.add_argument(
-        "--cache-dir",
-        type=Path,
-        default=None,
-        help="decoded-image cache (default ~/.cache/resnet-cifar10)",
+    group.add_argument(
+        "--resume", action="store_true", help="continue from --run-dir/checkpoint.pt"
     )
-    p.add_argument("--no-progress", action="store_true", help="no tqdm bars (logs only)")
-    args = p.parse_args(argv)
-    if args.output is None:
-        args.output = args.run_dir / f"resnet{args.depth}.safetensors"
-    if args.init_from is not None:
-        args.init_from = str(args.init_from)
-    if args.time_budget is not None and args.schedule == "step":
-        p.error("--time-budget needs --schedule cosine or onecycle: the step schedule is fixed")
-    values = vars(args)
-    recipe = Recipe(**{field.name: values[field.name] for field in fields(Recipe)})
-    run = RunOptions(**{field.name: values[field.name] for field in fields(RunOptions)})
-    return recipe, run
+    group.add_argument("--no-progress", action="store_true", help="no tqdm bars (logs only)")
 
 
 def parse_duration(text: str) -> float:
@@ -288,21 +331,13 @@ def parse_duration(text: str) -> float:
     return total
 
 
-def pick_device(requested: str | None) -> torch.device:
-    if requested:
-        return torch.device(requested)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for `precision` on `device`; None means plain fp32."""
+def training_autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for `--precision` on `device` (None: plain fp32). "auto" is bf16 on
+    the CPU (AMX and AVX-512 BF16 run bf16 matmuls natively), fp16 on CUDA (with GradScaler),
+    fp32 elsewhere; the names map to dtypes in model.devices."""
     if precision == "auto":
-        if device.type == "cpu":
-            return torch.bfloat16  # AMX and AVX-512 BF16 run bf16 matmuls natively
-        if device.type == "cuda":
-            return torch.float16
-        return None
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        precision = {"cpu": "bf16", "cuda": "fp16"}.get(device.type, "fp32")
+    return autocast_dtype(precision)
 
 
 def compile_for_training(model: nn.Module, device: torch.device) -> nn.Module:
@@ -705,8 +740,12 @@ class Ranks:
 
 
 def start_ranks(requested_device: str | None) -> tuple[Ranks, torch.device]:
-    """Join torchrun's process group when torchrun started us: NCCL on CUDA, gloo on the CPU."""
-    device = pick_device(requested_device)
+    """Join torchrun's process group when torchrun started us: NCCL on CUDA, gloo on the CPU.
+    The device follows model.devices' one policy; a missing one stops the run in one line."""
+    try:
+        device = resolve_device(requested_device)
+    except DeviceUnavailableError as error:
+        raise SystemExit(f"error: {error}") from None
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return Ranks(), device
     if device.type == "cuda":
@@ -841,6 +880,57 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     started = time.monotonic()
     recipe, run = parse_args(argv)
     commit = git_commit()  # of the code that runs, not of the checkout when the run ends
+
+    # Set-up: processes, device, length, initial weights, precision, seed.
+    place = set_up(recipe, run)
+    recipe = with_default_length(recipe, place)
+    initial_state, parent_card = (
+        load_initial_weights(Path(recipe.init_from), recipe) if recipe.init_from else (None, None)
+    )
+    torch.manual_seed(recipe.seed)
+
+    # Data: decoded once into a uint8 tensor cache, then kept whole on the training device.
+    splits = prepare_data(recipe, run, place, parent_card)
+
+    # Model (random or --init-from), EMA, optimiser, schedule; or all of them from --resume.
+    model = build_model(recipe, len(splits.dataset.classes), initial_state, parent_card, place)
+    training = start_training(model, recipe, run, place, splits, started)
+
+    # The loop: train an epoch, validate, keep the best weights, fit the plan, checkpoint.
+    while training.epoch < training.planned_epochs:
+        train_one_epoch(training, recipe, run, place, splits)
+
+    # Finish: the ranks agree, then rank 0 evaluates the kept weights and writes the card.
+    check_ranks_agree(model, place.ranks)
+    if place.ranks.world_size > 1:
+        dist.destroy_process_group()
+    if not place.ranks.is_main:
+        return {}
+    recipe = replace(recipe, epochs=training.epoch)  # what ran (a time budget chose it)
+    return finish(
+        recipe, run, splits.dataset, splits.train_set, splits.val_set, training.progress,
+        run.log_path, place.device, place.amp_dtype, parent_card, commit,
+        wall_seconds=lambda: time.monotonic() - training.started,
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where and in what numerics this process trains."""
+
+    ranks: Ranks
+    device: torch.device
+    amp_dtype: torch.dtype | None  # autocast dtype; None: fp32
+    memory_format: torch.memory_format
+
+    def say(self, *values: object, flush: bool = False) -> None:
+        """print, on rank 0 only (the other ranks would repeat it)."""
+        if self.ranks.is_main:
+            print(*values, flush=flush)
+
+
+def set_up(recipe: Recipe, run: RunOptions) -> Place:
+    """Threads, torchrun's processes and the device, and the numerics they train in."""
     if run.threads:
         torch.set_num_threads(run.threads)
     ranks, device = start_ranks(run.device)
@@ -849,22 +939,42 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"error: --batch-size {recipe.batch_size} does not split over {ranks.world_size} "
             "processes: pass a multiple of --nproc_per_node"
         )
-    say = print if ranks.is_main else lambda *_, **__: None
-    if recipe.epochs is None and recipe.time_budget is None:  # the device's default length
-        if device.type == "cuda":
-            recipe = replace(recipe, epochs=CUDA_DEFAULT_EPOCHS)
-        else:
-            recipe = replace(recipe, time_budget=parse_duration(CPU_DEFAULT_BUDGET))
-        say(f"length: {recipe.epochs or CPU_DEFAULT_BUDGET} (the default on {device.type})")
-    initial_state, parent_card = (
-        load_initial_weights(Path(recipe.init_from), recipe) if recipe.init_from else (None, None)
+    return Place(
+        ranks,
+        device,
+        amp_dtype=training_autocast_dtype(recipe.precision, device),
+        memory_format=torch.channels_last if run.channels_last else torch.contiguous_format,
     )
-    amp_dtype = autocast_dtype(recipe.precision, device)
-    memory_format = torch.channels_last if run.channels_last else torch.contiguous_format
-    torch.manual_seed(recipe.seed)
-    checkpoint_path, log_path = run.run_dir / "checkpoint.pt", run.run_dir / "metrics.jsonl"
 
-    # Data: decoded once into a uint8 tensor cache, then kept whole on the training device.
+
+def with_default_length(recipe: Recipe, place: Place) -> Recipe:
+    """`recipe` with the device's default length when it names none: the published epoch
+    count on CUDA, a time budget elsewhere."""
+    if recipe.epochs is not None or recipe.time_budget is not None:
+        return recipe
+    if place.device.type == "cuda":
+        recipe = replace(recipe, epochs=CUDA_DEFAULT_EPOCHS)
+    else:
+        recipe = replace(recipe, time_budget=parse_duration(CPU_DEFAULT_BUDGET))
+    place.say(f"length: {recipe.epochs or CPU_DEFAULT_BUDGET} (the default on {place.device.type})")
+    return recipe
+
+
+@dataclass(frozen=True)
+class Splits:
+    """The data set, its training and validation parts, and the training part on the device."""
+
+    dataset: Dataset
+    train_set: Dataset
+    val_set: Dataset | None
+    train_data: tuple[torch.Tensor, torch.Tensor]  # uint8 images (N, 3, 32, 32), int64 labels
+
+
+def prepare_data(
+    recipe: Recipe, run: RunOptions, place: Place, parent_card: dict[str, Any] | None
+) -> Splits:
+    """Load the images, check them against `--init-from`'s classes, hold out the stratified
+    validation split, and move the training images to the device."""
     dataset = load_data(*resolve_data(run), run.cache_dir)
     if parent_card is not None and list(parent_card["classes"]) != list(dataset.classes):
         raise SystemExit(
@@ -874,122 +984,187 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     train_idx, val_idx = stratified_split(dataset.labels, recipe.val_size, recipe.seed)
     if recipe.limit:
         train_idx = train_idx[: recipe.limit]
-    train_set: Dataset = dataset.subset(train_idx)
-    val_set: Dataset | None = dataset.subset(val_idx) if recipe.val_size else None
-    train_data = (train_set.images.to(device), train_set.labels.to(device))
-    num_classes = len(dataset.classes)
-    say(
+    train_set = dataset.subset(train_idx)
+    val_set = dataset.subset(val_idx) if recipe.val_size else None
+    train_data = (train_set.images.to(place.device), train_set.labels.to(place.device))
+    place.say(
         f"data: {dataset.source} ({len(dataset)} images, sha256 {dataset.checksum[:12]}), "
-        f"train {len(train_set)}, validation {len(val_set) if val_set else 0}; device {device}"
-        f" x {ranks.world_size} process(es), precision {amp_dtype or torch.float32}"
+        f"train {len(train_set)}, validation {len(val_set) if val_set else 0}; device "
+        f"{place.device} x {place.ranks.world_size} process(es), "
+        f"precision {place.amp_dtype or torch.float32}"
     )
+    return Splits(dataset, train_set, val_set, train_data)
 
-    # Model (random or --init-from), EMA, optimiser, schedule.
+
+def build_model(
+    recipe: Recipe,
+    num_classes: int,
+    initial_state: dict[str, torch.Tensor] | None,
+    parent_card: dict[str, Any] | None,
+    place: Place,
+) -> nn.Module:
+    """The recipe's ResNet on the device, randomly initialised (seeded) or from `--init-from`
+    (`initial_state`, with its card)."""
     model = resnet(recipe.depth, recipe.version, num_classes, recipe.shortcut)
     if initial_state is not None and parent_card is not None:
         model.load_state_dict(initial_state)
-        say(f"init: {recipe.init_from} (sha256 {parent_card['sha256'][:12]})")
-    model = model.to(device).to(memory_format=memory_format)
-    steps_per_epoch = math.ceil(len(train_set) / recipe.batch_size)
+        place.say(f"init: {recipe.init_from} (sha256 {parent_card['sha256'][:12]})")
+    return model.to(place.device).to(memory_format=place.memory_format)
+
+
+@dataclass
+class Training:
+    """What the loop advances: the model and its optimisation, the random generators, the
+    epoch and the plan, and the progress a checkpoint stores."""
+
+    model: nn.Module
+    forward: nn.Module  # the model as trained: DDP- and torch.compile-wrapped as asked
+    opt: Optimization
+    shuffle_gen: torch.Generator
+    augment_gen: torch.Generator
+    steps_per_epoch: int
+    planned_epochs: int
+    progress: dict[str, Any]  # epoch, planned_epochs, best, elapsed_seconds, wall_seconds
+    started: float  # time.monotonic() of the run's start, earlier processes included
+    budget: TimeBudget | None
+    epoch: int = 0
+
+
+def start_training(
+    model: nn.Module,
+    recipe: Recipe,
+    run: RunOptions,
+    place: Place,
+    splits: Splits,
+    started: float,
+) -> Training:
+    """The optimisation of `model` from its first step, or where `--resume`'s checkpoint
+    left it; a fresh log (a resumed one keeps its checkpointed rows); the wrapped forward."""
+    steps_per_epoch = math.ceil(len(splits.train_set) / recipe.batch_size)
     # With a time budget the length is unknown until an epoch is measured: plan "very long"
     # (warm-up, then lr near the peak) and fit the plan after each epoch.
     planned_epochs = recipe.epochs or 1_000_000
-    opt = build_optimization(model, recipe, steps_per_epoch, planned_epochs, device, amp_dtype)
+    opt = build_optimization(
+        model, recipe, steps_per_epoch, planned_epochs, place.device, place.amp_dtype
+    )
     # Explicit generators make shuffling and augmentation reproducible and resumable; the
     # permutation is shared by all ranks, the augmentation differs per rank.
     shuffle_gen = torch.Generator().manual_seed(recipe.seed + 1)
-    augment_gen = torch.Generator(device=device).manual_seed(recipe.seed + 2 + 1000 * ranks.rank)
-
+    augment_gen = torch.Generator(device=place.device)
+    augment_gen.manual_seed(recipe.seed + 2 + 1000 * place.ranks.rank)
     progress: dict[str, Any] = {"epoch": 0, "best": {"val_accuracy": -1.0}, "elapsed_seconds": 0.0}
-    if run.resume and checkpoint_path.is_file():
+    if run.resume and run.checkpoint_path.is_file():
         progress = load_checkpoint(
-            checkpoint_path,
-            model=model,
-            opt=opt,
-            shuffle_gen=shuffle_gen,
-            augment_gen=augment_gen,
-            rank=ranks.rank,
-            device=device,
-        )
+            run.checkpoint_path, model=model, opt=opt, shuffle_gen=shuffle_gen,
+            augment_gen=augment_gen, rank=place.ranks.rank, device=place.device,
+        )  # fmt: skip
         planned_epochs = recipe.epochs or progress["planned_epochs"]
         opt.schedule.total_steps = planned_epochs * steps_per_epoch
         started -= progress["wall_seconds"]  # a time budget covers the earlier processes too
-        say(f"resumed from {checkpoint_path} after epoch {progress['epoch']}")
+        place.say(f"resumed from {run.checkpoint_path} after epoch {progress['epoch']}")
     elif run.resume:
-        say(f"--resume: no checkpoint at {checkpoint_path}, starting afresh")
-    budget = TimeBudget(recipe.time_budget, started) if recipe.time_budget else None
-    if ranks.is_main:
+        place.say(f"--resume: no checkpoint at {run.checkpoint_path}, starting afresh")
+    if place.ranks.is_main:
         run.run_dir.mkdir(parents=True, exist_ok=True)
-        keep_log_rows(log_path, up_to_epoch=progress["epoch"])
-
+        keep_log_rows(run.log_path, up_to_epoch=progress["epoch"])
     # DDP averages the gradients over ranks (and broadcasts rank 0's weights at the start).
-    trained = DistributedDataParallel(model) if ranks.world_size > 1 else model
-    forward = compile_for_training(trained, device) if run.compile else trained
-
-    epoch = progress["epoch"]
-    while epoch < planned_epochs:
-        epoch_start = time.perf_counter()
-        model.train()
-        order = torch.randperm(len(train_set), generator=shuffle_gen).to(device)
-        shown = planned_epochs if budget is None or epoch else "?"
-        row = {"epoch": epoch + 1}
-        row |= run_epoch(
-            forward, train_data, order, opt, recipe, augment_gen, amp_dtype, memory_format,
-            ranks, description=None if run.no_progress or not ranks.is_main
-            else f"epoch {epoch + 1}/{shown}",
-        )  # fmt: skip
-        epoch += 1
-        candidates = {"model": model} | ({"ema": opt.ema.module} if opt.ema else {})
-        augment_states = gather_from_ranks(augment_gen.get_state(), ranks)
-        if ranks.is_main:
-            validation_start = time.perf_counter()
-            if val_set is not None:
-                row |= validate(candidates, val_set, device, amp_dtype, memory_format)
-            validation_seconds = time.perf_counter() - validation_start
-            progress["elapsed_seconds"] += time.perf_counter() - epoch_start
-            row["elapsed_seconds"] = progress["elapsed_seconds"]
-            log_epoch(log_path, row)
-            progress["best"] = keep_if_best(row, candidates, progress["best"], recipe, run.output)
-            # A time budget fits the plan to the epochs measured so far, keeping the final
-            # evaluation (fp32, plain and mirrored: about four validations) in reserve.
-            if budget is not None:
-                budget.epoch_seconds.append(time.perf_counter() - epoch_start)
-                fitted = budget.epochs_that_fit(epoch, reserve_seconds=4 * validation_seconds + 2)
-                if fitted != planned_epochs:
-                    say(
-                        f"time budget {format_duration(budget.seconds)}: {fitted} epochs fit "
-                        f"(about {budget.epoch_seconds[-1]:.0f} s each, "
-                        f"{format_duration(time.monotonic() - budget.started)} used)",
-                        flush=True,
-                    )
-                    planned_epochs = fitted
-        planned_epochs = from_main_rank(planned_epochs, ranks)
-        opt.schedule.total_steps = planned_epochs * steps_per_epoch
-        if ranks.is_main:
-            progress |= {
-                "epoch": epoch,
-                "planned_epochs": planned_epochs,
-                "wall_seconds": time.monotonic() - started,
-            }
-            save_checkpoint(
-                checkpoint_path,
-                progress=progress,
-                model=model,
-                opt=opt,
-                shuffle_gen=shuffle_gen,
-                augment_states=augment_states,
-            )
-    check_ranks_agree(model, ranks)
-    if ranks.world_size > 1:
-        dist.destroy_process_group()
-    if not ranks.is_main:
-        return {}
-    recipe = replace(recipe, epochs=epoch)  # what ran, for the card (a time budget chose it)
-    card = finish(
-        recipe, run, dataset, train_set, val_set, progress, log_path, device, amp_dtype,
-        parent_card, commit, wall_seconds=lambda: time.monotonic() - started,
+    trained = DistributedDataParallel(model) if place.ranks.world_size > 1 else model
+    forward = compile_for_training(trained, place.device) if run.compile else trained
+    budget = TimeBudget(recipe.time_budget, started) if recipe.time_budget else None
+    return Training(
+        model, forward, opt, shuffle_gen, augment_gen, steps_per_epoch, planned_epochs,
+        progress, started, budget, epoch=progress["epoch"],
     )  # fmt: skip
-    return card
+
+
+def train_one_epoch(
+    training: Training, recipe: Recipe, run: RunOptions, place: Place, splits: Splits
+) -> None:
+    """One epoch: train; on rank 0 validate, log, keep the best weights and fit the plan to
+    a time budget; share the plan with every rank; checkpoint."""
+    epoch_start = time.perf_counter()
+    row = {"epoch": training.epoch + 1} | train_epoch(training, recipe, run, place, splits)
+    training.epoch += 1
+    augment_states = gather_from_ranks(training.augment_gen.get_state(), place.ranks)
+    if place.ranks.is_main:
+        validation_seconds = record_epoch(row, training, recipe, run, place, splits, epoch_start)
+        if training.budget is not None:
+            fit_plan(training, place, epoch_start, validation_seconds)
+    training.planned_epochs = from_main_rank(training.planned_epochs, place.ranks)
+    training.opt.schedule.total_steps = training.planned_epochs * training.steps_per_epoch
+    if place.ranks.is_main:
+        training.progress |= {
+            "epoch": training.epoch,
+            "planned_epochs": training.planned_epochs,
+            "wall_seconds": time.monotonic() - training.started,
+        }
+        save_checkpoint(
+            run.checkpoint_path, progress=training.progress, model=training.model,
+            opt=training.opt, shuffle_gen=training.shuffle_gen, augment_states=augment_states,
+        )  # fmt: skip
+
+
+def train_epoch(
+    training: Training, recipe: Recipe, run: RunOptions, place: Place, splits: Splits
+) -> dict[str, float]:
+    """`run_epoch` over this epoch's shuffled order, with a progress bar on rank 0."""
+    training.model.train()
+    order = torch.randperm(len(splits.train_set), generator=training.shuffle_gen)
+    # Under a time budget the first epoch's total is not known yet.
+    shown = training.planned_epochs if training.budget is None or training.epoch else "?"
+    description = f"epoch {training.epoch + 1}/{shown}"
+    return run_epoch(
+        training.forward, splits.train_data, order.to(place.device), training.opt, recipe,
+        training.augment_gen, place.amp_dtype, place.memory_format, place.ranks,
+        description=None if run.no_progress or not place.ranks.is_main else description,
+    )  # fmt: skip
+
+
+def record_epoch(
+    row: dict[str, Any],
+    training: Training,
+    recipe: Recipe,
+    run: RunOptions,
+    place: Place,
+    splits: Splits,
+    epoch_start: float,
+) -> float:
+    """Validate the model and its EMA, log the epoch's row and write the weights when they
+    are the best yet. Returns the seconds validation took."""
+    candidates = {"model": training.model}
+    if training.opt.ema is not None:
+        candidates["ema"] = training.opt.ema.module
+    validation_start = time.perf_counter()
+    if splits.val_set is not None:
+        row |= validate(
+            candidates, splits.val_set, place.device, place.amp_dtype, place.memory_format
+        )
+    validation_seconds = time.perf_counter() - validation_start
+    training.progress["elapsed_seconds"] += time.perf_counter() - epoch_start
+    row["elapsed_seconds"] = training.progress["elapsed_seconds"]
+    log_epoch(run.log_path, row)
+    best = training.progress["best"]
+    training.progress["best"] = keep_if_best(row, candidates, best, recipe, run.output)
+    return validation_seconds
+
+
+def fit_plan(
+    training: Training, place: Place, epoch_start: float, validation_seconds: float
+) -> None:
+    """Fit the planned epochs to the time budget from the epochs measured so far, keeping
+    the final evaluation (fp32, plain and mirrored: about four validations) in reserve."""
+    budget = training.budget
+    assert budget is not None  # only called under a time budget
+    budget.epoch_seconds.append(time.perf_counter() - epoch_start)
+    fitted = budget.epochs_that_fit(training.epoch, reserve_seconds=4 * validation_seconds + 2)
+    if fitted != training.planned_epochs:
+        place.say(
+            f"time budget {format_duration(budget.seconds)}: {fitted} epochs fit "
+            f"(about {budget.epoch_seconds[-1]:.0f} s each, "
+            f"{format_duration(time.monotonic() - budget.started)} used)",
+            flush=True,
+        )
+        training.planned_epochs = fitted
 
 
 def keep_log_rows(log_path: Path, up_to_epoch: int) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from model.devices import DeviceUnavailableError, resolve_device
 from service.engines.base import Engine, EngineOptions
 
 ENGINE_NAMES: tuple[str, ...] = ("auto", "torch", "onnxruntime", "openvino")
@@ -59,8 +60,6 @@ def resolve_engine_name(name: str, options: EngineOptions) -> str:
         return name
     if options.precision == "int8":
         return "openvino"
-    from service.engines.torch_engine import resolve_device
-
     if resolve_device(options.device).type != "cpu":
         return "torch"
     for engine, packages in _CPU_ENGINES:
@@ -73,10 +72,17 @@ def resolve_engine_name(name: str, options: EngineOptions) -> str:
 
 def check_engine(name: str, options: EngineOptions) -> type[Engine]:
     """The Engine subclass `name` resolves to, once it is known to be usable here for
-    `options.precision`: raises EngineUnavailableError (one line, with the fix) when its
-    library is missing or, for int8, when NNCF or the calibration images are. Cheap: it
-    imports the engine's module but loads no model, so `python -m service` runs it first."""
-    engine = engine_class(resolve_engine_name(name, options))
+    `options`: raises EngineUnavailableError (one line, with the fix) when its library is
+    missing, the device is not on this machine (model.devices.resolve_device), the engine
+    cannot serve the device or precision here (`Engine.check`: onnxruntime without its GPU
+    build, a CPU without native bf16 or fp16 for openvino), or, for int8, when NNCF or the
+    calibration images are. Cheap: it imports the engine's module but loads no model, so
+    `python -m service` runs it before the server starts."""
+    try:
+        engine = engine_class(resolve_engine_name(name, options))
+        engine.check(options)
+    except (DeviceUnavailableError, ValueError) as error:
+        raise EngineUnavailableError(str(error)) from None
     if options.precision == "int8":
         from model.calibration import CalibrationError, calibration_sha256
 

@@ -52,6 +52,12 @@ class Engine(ABC):
         self.card = card
         self.options = options
 
+    @classmethod  # noqa: B027 (not abstract: an engine with nothing to refuse inherits this)
+    def check(cls, options: EngineOptions) -> None:
+        """Raise ValueError (one sentence naming the fix) when this engine cannot serve
+        `options` on this machine: a device or precision it lacks. Cheap, loads no model:
+        `python -m service` calls it (through check_engine) before the server starts."""
+
     @property
     @abstractmethod
     def device(self) -> str:

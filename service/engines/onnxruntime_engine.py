@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from model.devices import resolve_device
 from model.export import INPUT_NAME, OUTPUT_NAME, cached_onnx
 from service.engines.base import Engine, EngineOptions
 
@@ -22,20 +23,20 @@ CUDA_PROVIDER = "CUDAExecutionProvider"
 
 
 def _pick_device(requested: str, providers: list[str]) -> str:
-    """ "cpu" or "cuda:N" from the option, refusing CUDA where this build cannot run it."""
-    cuda_ready = CUDA_PROVIDER in providers and torch.cuda.is_available()
+    """ "cpu" or "cuda:N" for the option, by model.devices' policy; "auto" falls back to the
+    CPU where this onnxruntime build has no CUDA provider (an explicit cuda is refused)."""
     if requested == "auto":
-        return "cuda:0" if cuda_ready else "cpu"
-    if requested == "cpu":
+        device = resolve_device("auto")
+        return str(device) if device.type == "cuda" and CUDA_PROVIDER in providers else "cpu"
+    device = resolve_device(requested)  # DeviceUnavailableError when the GPU is absent
+    if device.type == "cpu":
         return "cpu"
-    if requested.startswith("cuda"):
-        if not cuda_ready:
-            raise ValueError(
-                f"device {requested!r} needs onnxruntime-gpu and a visible GPU; this onnxruntime "
-                f"offers {providers}"
-            )
-        return requested if ":" in requested else "cuda:0"
-    raise ValueError(f"unknown device {requested!r}: use auto, cpu, cuda or cuda:N")
+    if device.type != "cuda" or CUDA_PROVIDER not in providers:
+        raise ValueError(
+            f"device {requested!r} needs onnxruntime-gpu and a visible GPU; this onnxruntime "
+            f"offers {providers}"
+        )
+    return str(device)
 
 
 class OnnxRuntimeEngine(Engine):
@@ -47,11 +48,7 @@ class OnnxRuntimeEngine(Engine):
         super().__init__(model, card, options)
         import onnxruntime as ort
 
-        if options.precision not in ("auto", "fp32"):
-            raise ValueError(
-                f"the onnxruntime engine runs fp32 only, not {options.precision!r}: set the "
-                "precision to auto or fp32 (the openvino engine runs bf16 and int8 on the CPU)"
-            )
+        self.check(options)
         self._device = _pick_device(options.device, ort.get_available_providers())
         self.model_path = cached_onnx(model, card["sha256"], options.cache_dir)
 
@@ -68,6 +65,17 @@ class OnnxRuntimeEngine(Engine):
         self.session = ort.InferenceSession(
             str(self.model_path), session_options, providers=providers
         )
+
+    @classmethod
+    def check(cls, options: EngineOptions) -> None:
+        import onnxruntime as ort
+
+        if options.precision not in ("auto", "fp32"):
+            raise ValueError(
+                f"the onnxruntime engine runs fp32 only, not {options.precision!r}: set the "
+                "precision to auto or fp32 (the openvino engine runs bf16 and int8 on the CPU)"
+            )
+        _pick_device(options.device, ort.get_available_providers())
 
     @property
     def device(self) -> str:

@@ -52,30 +52,14 @@ class OpenVinoEngine(Engine):
         import openvino.properties as props
         import openvino.properties.hint as hints
 
-        if options.device not in ("auto", "cpu"):
-            raise ValueError(
-                f"the openvino engine runs on the CPU, not {options.device!r}: set the device "
-                "to auto or cpu, or use the torch engine on CUDA"
-            )
+        self.check(options)
         core = ov.Core()
         element_types = {"fp32": ov.Type.f32, "bf16": ov.Type.bf16, "fp16": ov.Type.f16}
         default = core.get_property("CPU", hints.inference_precision)
         if options.precision == "auto":
             self.precision = next(k for k, v in element_types.items() if v == default)
-        elif options.precision in element_types:
-            capabilities = core.get_property("CPU", props.device.capabilities)
-            if CAPABILITY[options.precision] not in capabilities:
-                raise ValueError(
-                    f"this CPU cannot run {options.precision} natively (OpenVINO reports "
-                    f"{capabilities}): set the precision to auto or fp32"
-                )
-            self.precision = options.precision
-        elif options.precision == "int8":
-            self.precision = "int8"
         else:
-            raise ValueError(
-                f"unknown precision {options.precision!r}: use auto, fp32, bf16, fp16 or int8"
-            )
+            self.precision = options.precision
         if performance_hint not in ("LATENCY", "THROUGHPUT"):
             raise ValueError(
                 f"performance_hint must be LATENCY or THROUGHPUT, not {performance_hint!r}"
@@ -98,6 +82,28 @@ class OpenVinoEngine(Engine):
         self.compiled = core.compile_model(core.read_model(self.model_path), "CPU", config)
         # One request, reused: `run` is only ever called from the batcher's one thread.
         self.request = self.compiled.create_infer_request()
+
+    @classmethod
+    def check(cls, options: EngineOptions) -> None:
+        import openvino as ov
+        import openvino.properties as props
+
+        if options.device not in ("auto", "cpu"):
+            raise ValueError(
+                f"the openvino engine runs on the CPU, not {options.device!r}: set the device "
+                "to auto or cpu, or use the torch engine on CUDA"
+            )
+        if options.precision in CAPABILITY:
+            capabilities = ov.Core().get_property("CPU", props.device.capabilities)
+            if CAPABILITY[options.precision] not in capabilities:
+                raise ValueError(
+                    f"this CPU cannot run {options.precision} natively (OpenVINO reports "
+                    f"{capabilities}): set the precision to auto or fp32"
+                )
+        elif options.precision not in ("auto", "int8"):
+            raise ValueError(
+                f"unknown precision {options.precision!r}: use auto, fp32, bf16, fp16 or int8"
+            )
 
     @property
     def device(self) -> str:

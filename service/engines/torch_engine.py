@@ -25,25 +25,11 @@ from typing import Any
 import torch
 import torch.fx.experimental.optimization as fx_optimization
 
+from model.devices import PRECISION_DTYPES, autocast_dtype, resolve_device
 from model.preprocessing import normalize
 from service.engines.base import Engine, EngineOptions
 
 logger = logging.getLogger("service")
-
-_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def resolve_device(requested: str) -> torch.device:
-    """ "auto" -> the accelerator when one is present, else the CPU; otherwise as asked."""
-    if requested == "auto":
-        accelerator = torch.accelerator.current_accelerator(check_available=True)
-        return torch.device(accelerator.type, 0) if accelerator is not None else torch.device("cpu")
-    device = torch.device(requested)
-    if device.type != "cpu" and not torch.accelerator.is_available():
-        raise RuntimeError(f"device {requested!r} was asked for but no accelerator is available")
-    if device.type != "cpu" and device.index is None:
-        device = torch.device(device.type, 0)
-    return device
 
 
 def fold_batch_norms(model: torch.nn.Module) -> torch.nn.Module:
@@ -71,18 +57,14 @@ class TorchEngine(Engine):
             # Called from the inference thread (the service builds engines there), so the
             # OpenMP team it sizes is the one that runs every batch.
             torch.set_num_threads(options.threads)
+        self.check(options)
         self._device = resolve_device(options.device)
-        on_cpu = self._device.type == "cpu"
         precision = options.precision
         if precision == "auto":
-            precision = "fp32" if on_cpu else "fp16"
-        if precision not in ("fp32", *_DTYPES):
-            raise ValueError(
-                f"the torch engine runs fp32, bf16 or fp16, not {precision!r}: int8 is the "
-                "openvino engine's"
-            )
+            # fp32 on the CPU (see the module docstring), fp16 autocast on an accelerator.
+            precision = "fp32" if self._device.type == "cpu" else "fp16"
         self.precision = precision
-        self._autocast_dtype = _DTYPES.get(precision)
+        self._autocast_dtype = autocast_dtype(precision)
         # Two calls: torch's typed overloads of Module.to take memory_format only alone.
         self._model = fold_batch_norms(model).to(self._device).to(memory_format=torch.channels_last)
         self._forward: Callable[[torch.Tensor], torch.Tensor] = self._model
@@ -90,9 +72,18 @@ class TorchEngine(Engine):
             # dynamic=False: one specialised kernel set per batch size; sizes are padded to
             # powers of two (see _bucket) so only a handful get compiled during warm-up.
             self._forward = torch.compile(self._model, dynamic=False)
-        self._use_graphs = options.cuda_graphs and not on_cpu
+        self._use_graphs = options.cuda_graphs and self._device.type != "cpu"
         self._graphs: dict[int, tuple[Any, torch.Tensor, torch.Tensor]] = {}
         self._max_bucket = 0
+
+    @classmethod
+    def check(cls, options: EngineOptions) -> None:
+        resolve_device(options.device)  # DeviceUnavailableError (a RuntimeError) if absent
+        if options.precision not in ("auto", *PRECISION_DTYPES):
+            raise ValueError(
+                f"the torch engine runs fp32, bf16 or fp16, not {options.precision!r}: int8 is "
+                "the openvino engine's"
+            )
 
     @property
     def device(self) -> str:
