@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-from typing import Any
 
 import torch
 
+from model.weights import ModelCard
 from service.engines.base import Engine, EngineOptions
 
 ENGINE_NAMES: tuple[str, ...] = ("auto", "torch", "onnxruntime", "openvino")
@@ -92,7 +92,7 @@ def check_engine(name: str, options: EngineOptions) -> type[Engine]:
 
 
 def create_engine(
-    name: str, model: torch.nn.Module, card: dict[str, Any], options: EngineOptions
+    name: str, model: torch.nn.Module, card: ModelCard, options: EngineOptions
 ) -> Engine:
     """Build the engine `name` ("auto", "torch", "onnxruntime", "openvino") for `model`.
 
