@@ -30,7 +30,7 @@ CLASSES = ("red", "green", "blue", "yellow")  # PALETTE's first four colours
 
 def trained(argv: list[str]) -> ModelCard:
     """`train.main(argv)` in this process: the card it wrote (one process is rank 0)."""
-    card = trained(argv)
+    card = train.main(argv)
     assert card is not None
     return card
 
