@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         if not trained:
             print("accuracy parity skipped: it needs trained weights (--weights)")
         print(
-            f"{card['name']} from {weights}; {cpu_name()}, {os.cpu_count()} CPUs; "
+            f"{card.name} from {weights}; {cpu_name()}, {os.cpu_count()} CPUs; "
             f"torch {torch.__version__}",
             flush=True,
         )

@@ -37,7 +37,7 @@ from fastapi import HTTPException
 from PIL import Image
 
 from model.inference import class_probabilities
-from model.preprocessing import CIFAR10_CLASSES, image_to_tensor
+from model.preprocessing import image_to_tensor
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -68,7 +68,7 @@ class ClassifierAPI(ls.LitAPI):
         self.engine = create_engine(options.engine, model, card, engine_options)
         # Every batch size may occur, as in the service's warm-up.
         self.engine.warm_up(range(1, options.max_batch_size + 1))
-        self.classes = tuple(card.get("classes") or CIFAR10_CLASSES)
+        self.classes = card.classes
 
     # `request` is left unannotated on purpose: LitServe reads this annotation to choose how
     # to parse the body, and none means "the form (multipart) or JSON as it came".

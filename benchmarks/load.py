@@ -302,26 +302,19 @@ def start_profiler(pid: int, seconds: float, output: Path, native: bool) -> subp
 def random_weights(depth: int, folder: Path) -> Path:
     """A randomly initialised ResNet of `depth` with a valid card: same cost as trained."""
     import torch
-    from safetensors.torch import save_file
 
     from model.preprocessing import CIFAR10_CLASSES
     from model.resnet import resnet
-    from model.weights import sha256_of, write_card
+    from model.weights import Architecture, ModelCard, save_checked
 
     torch.manual_seed(0)
-    model = resnet(depth, 1)
     path = folder / f"random-resnet{depth}.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
-    architecture = {"depth": depth, "version": 1, "shortcut": "projection", "num_classes": 10}
-    write_card(
-        path,
-        {
-            "name": f"resnet{depth}",
-            "architecture": architecture,
-            "classes": list(CIFAR10_CLASSES),
-            "sha256": sha256_of(path),
-        },
+    card = ModelCard(
+        name=f"resnet{depth}",
+        architecture=Architecture(depth=depth, version=1, num_classes=len(CIFAR10_CLASSES)),
+        classes=CIFAR10_CLASSES,
     )
+    save_checked(resnet(depth, 1), path, card)
     return path
 
 

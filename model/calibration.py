@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +30,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from model.files import write_atomically
 from model.preprocessing import IMAGE_SIZE
 from model.weights import sha256_of
 
@@ -83,12 +83,8 @@ def save_calibration(
 ) -> Path:
     """Write a calibration set as safetensors (images, labels; metadata in the header),
     atomically: a temporary name beside `path`, then a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    save_file({"images": images.contiguous(), "labels": labels.contiguous()}, temporary, metadata)
-    os.replace(temporary, path)
-    return path
+    tensors = {"images": images.contiguous(), "labels": labels.contiguous()}
+    return write_atomically(Path(path), lambda temporary: save_file(tensors, temporary, metadata))
 
 
 def calibration_sha256(path: Path) -> str:

@@ -29,8 +29,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from model.files import write_atomically
 from model.preprocessing import CIFAR10_CLASSES, image_to_tensor
 from model.weights import sha256_of
 
@@ -209,9 +211,8 @@ def load_dataset(
     cache_file = (cache_dir or default_cache_dir()) / f"{checksum}-v{CACHE_FORMAT}.safetensors"
     if cache_file.is_file():
         tensors = load_file(cache_file)
-        with open(cache_file, "rb") as handle:  # class names live in the header metadata
-            header_size = int.from_bytes(handle.read(8), "little")
-            metadata = json.loads(handle.read(header_size))["__metadata__"]
+        with safe_open(cache_file, "pt") as handle:  # class names live in the header metadata
+            metadata = handle.metadata()
         classes = tuple(json.loads(metadata["classes"]))
         return Dataset(tensors["images"], tensors["labels"], classes, str(path), checksum)
 
@@ -222,14 +223,10 @@ def load_dataset(
     else:
         images, labels, classes = _load_archive(path)
 
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    temporary = cache_file.with_suffix(".tmp")
-    save_file(
-        {"images": images.contiguous(), "labels": labels},
-        temporary,
-        metadata={"classes": json.dumps(list(classes)), "source": str(path)},
-    )
-    os.replace(temporary, cache_file)  # atomic: a killed run never leaves half a cache
+    tensors = {"images": images.contiguous(), "labels": labels}
+    metadata = {"classes": json.dumps(list(classes)), "source": str(path)}
+    # Atomically: a killed run never leaves half a cache.
+    write_atomically(cache_file, lambda temporary: save_file(tensors, temporary, metadata))
     return Dataset(images, labels, classes, str(path), checksum)
 
 

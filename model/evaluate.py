@@ -23,7 +23,7 @@ import contextlib
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,9 @@ from torch import nn
 from model import inference
 from model.devices import DeviceUnavailableError, resolve_device
 from model.preprocessing import normalize
+
+if TYPE_CHECKING:
+    from model.weights import ModelCard
 
 
 @torch.inference_mode()
@@ -249,7 +252,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.val_size:
         _, val_idx = stratified_split(dataset.labels, args.val_size, args.seed)
         dataset = dataset.subset(val_idx)
-    classes = list(card.get("classes") or dataset.classes)
+    classes = list(card.classes)
     if list(dataset.classes) != classes:
         parser.exit(
             2,
@@ -299,7 +302,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return result
 
 
-def _engine(args: argparse.Namespace, model: nn.Module, card: dict[str, Any]) -> Any:
+def _engine(args: argparse.Namespace, model: nn.Module, card: ModelCard) -> Any:
     """The service engine args ask for (an Engine), or exit 2 with the reason in one line."""
     from model.calibration import DEFAULT_PATH
     from service.config import engine_device_problem, engine_precision_problem

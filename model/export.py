@@ -32,7 +32,6 @@ import argparse
 import os
 import shutil
 import tempfile
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from model.files import staging_path, write_atomically
 from model.preprocessing import IMAGE_SIZE, normalize
 
 INPUT_NAME = "images"
@@ -72,12 +72,6 @@ class ImageClassifier(nn.Module):
         return self.network(normalize(images))
 
 
-def _staging_path(path: Path) -> Path:
-    """A fresh name beside `path`, so a rename onto it stays on one file system (atomic)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-
-
 def export_onnx(model: nn.Module, path: Path) -> Path:
     """Write `model` (eval mode), behind `normalize`, as one self-contained ONNX file with a
     dynamic batch axis: uint8 "images" (batch, 3, 32, 32) -> float32 "logits" (batch, classes).
@@ -89,9 +83,9 @@ def export_onnx(model: nn.Module, path: Path) -> Path:
     device = next(model.parameters()).device
     # Batch 2, not 1: torch.export specialises a dimension whose example size is 0 or 1.
     example = torch.zeros(2, 3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8, device=device)
-    staging = _staging_path(path)
-    try:
-        torch.onnx.export(
+    return write_atomically(
+        path,
+        lambda staging: torch.onnx.export(
             ImageClassifier(model).eval(),
             (example,),
             staging,
@@ -101,11 +95,8 @@ def export_onnx(model: nn.Module, path: Path) -> Path:
             dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
             external_data=False,  # weights inline: one file to cache, rename and ship
             verbose=False,
-        )
-        os.replace(staging, path)
-    finally:
-        staging.unlink(missing_ok=True)
-    return path
+        ),
+    )
 
 
 def export_openvino(source: nn.Module | Path, path: Path) -> Path:
@@ -231,7 +222,7 @@ def _cached_ir(folder: Path, build: Callable[[Path], object]) -> Path:
     xml = folder / "model.xml"
     if xml.is_file():
         return xml
-    staging = _staging_path(folder)
+    staging = staging_path(folder)
     staging.mkdir()
     try:
         build(staging / "model.xml")

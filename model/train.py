@@ -44,7 +44,6 @@ from typing import Any, TypeVar, cast
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -53,9 +52,22 @@ from tqdm import tqdm
 from model.data import Dataset, augment, load_dataset, stratified_split
 from model.devices import DeviceUnavailableError, autocast_dtype, resolve_device
 from model.evaluate import evaluate_model
+from model.files import write_atomically
 from model.preprocessing import CIFAR10_MEAN, CIFAR10_STD, normalize
 from model.resnet import Shortcut, count_parameters, resnet
-from model.weights import WeightsError, load_checked, sha256_of, write_card
+from model.weights import (
+    Accuracy,
+    Architecture,
+    Cycle,
+    Lineage,
+    ModelCard,
+    Preprocessing,
+    Validation,
+    WeightsError,
+    load_checked,
+    save_checked,
+    save_tensors,
+)
 
 T = TypeVar("T")
 
@@ -522,14 +534,6 @@ def train_step(
 # --- Checkpoints ------------------------------------------------------------------------------
 
 
-def save_atomically(obj: dict[str, Any], path: Path) -> None:
-    """torch.save to a temporary file, then rename: a kill mid-write leaves the old one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    torch.save(obj, temporary)
-    os.replace(temporary, path)
-
-
 def save_checkpoint(
     path: Path,
     *,
@@ -544,20 +548,19 @@ def save_checkpoint(
     `progress`: epoch, planned_epochs, best, elapsed_seconds, wall_seconds.
     `augment_states`: each rank's augmentation generator state, by rank.
     """
-    save_atomically(
-        {
-            **progress,
-            "model": model.state_dict(),
-            "ema": opt.ema.state_dict() if opt.ema is not None else {},
-            "optimizer": opt.optimizer.state_dict(),
-            "schedule": asdict(opt.schedule),
-            "scaler": opt.scaler.state_dict(),
-            "shuffle_rng": shuffle_gen.get_state(),
-            "augment_rng": augment_states,
-            "torch_rng": torch.get_rng_state(),
-        },
-        path,
-    )
+    state = {
+        **progress,
+        "model": model.state_dict(),
+        "ema": opt.ema.state_dict() if opt.ema is not None else {},
+        "optimizer": opt.optimizer.state_dict(),
+        "schedule": asdict(opt.schedule),
+        "scaler": opt.scaler.state_dict(),
+        "shuffle_rng": shuffle_gen.get_state(),
+        "augment_rng": augment_states,
+        "torch_rng": torch.get_rng_state(),
+    }
+    # A kill mid-write leaves the previous checkpoint whole.
+    write_atomically(path, lambda temporary: torch.save(state, temporary))
 
 
 def load_checkpoint(
@@ -667,9 +670,7 @@ def describe_architecture(depth: int, version: int, shortcut: str) -> str:
     return f"ResNet{depth} v{version} with {shortcut} shortcuts"
 
 
-def load_initial_weights(
-    path: Path, recipe: Recipe
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def load_initial_weights(path: Path, recipe: Recipe) -> tuple[dict[str, torch.Tensor], ModelCard]:
     """The state dict and card of `--init-from`, or SystemExit in one line before any training.
 
     `load_checked` verifies the SHA-256 and that the tensors fit the card's architecture;
@@ -679,8 +680,8 @@ def load_initial_weights(
         parent, card = load_checked(path)
     except WeightsError as error:
         raise SystemExit(f"error: --init-from: {error}") from None
-    arch = card["architecture"]
-    theirs = describe_architecture(arch["depth"], arch["version"], arch["shortcut"])
+    arch = card.architecture
+    theirs = describe_architecture(arch.depth, arch.version, arch.shortcut)
     ours = describe_architecture(recipe.depth, recipe.version, recipe.shortcut)
     if theirs != ours:
         raise SystemExit(
@@ -875,8 +876,8 @@ def validate(
 # --- The training run --------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Train as the flags say; returns the model card (an empty dict on ranks other than 0)."""
+def main(argv: list[str] | None = None) -> ModelCard | None:
+    """Train as the flags say; returns the model card as written (None on ranks other than 0)."""
     started = time.monotonic()
     recipe, run = parse_args(argv)
     commit = git_commit()  # of the code that runs, not of the checkout when the run ends
@@ -905,7 +906,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if place.ranks.world_size > 1:
         dist.destroy_process_group()
     if not place.ranks.is_main:
-        return {}
+        return None
     recipe = replace(recipe, epochs=training.epoch)  # what ran (a time budget chose it)
     return finish(
         recipe, run, splits.dataset, splits.train_set, splits.val_set, training.progress,
@@ -971,14 +972,15 @@ class Splits:
 
 
 def prepare_data(
-    recipe: Recipe, run: RunOptions, place: Place, parent_card: dict[str, Any] | None
+    recipe: Recipe, run: RunOptions, place: Place, parent_card: ModelCard | None
 ) -> Splits:
     """Load the images, check them against `--init-from`'s classes, hold out the stratified
     validation split, and move the training images to the device."""
     dataset = load_data(*resolve_data(run), run.cache_dir)
-    if parent_card is not None and list(parent_card["classes"]) != list(dataset.classes):
+    if parent_card is not None and parent_card.classes != tuple(dataset.classes):
         raise SystemExit(
-            f"error: --init-from {recipe.init_from} was trained on classes {parent_card['classes']}"
+            f"error: --init-from {recipe.init_from} was trained on classes "
+            f"{list(parent_card.classes)}"
             f" but the data has {list(dataset.classes)}"
         )
     train_idx, val_idx = stratified_split(dataset.labels, recipe.val_size, recipe.seed)
@@ -1000,7 +1002,7 @@ def build_model(
     recipe: Recipe,
     num_classes: int,
     initial_state: dict[str, torch.Tensor] | None,
-    parent_card: dict[str, Any] | None,
+    parent_card: ModelCard | None,
     place: Place,
 ) -> nn.Module:
     """The recipe's ResNet on the device, randomly initialised (seeded) or from `--init-from`
@@ -1008,7 +1010,7 @@ def build_model(
     model = resnet(recipe.depth, recipe.version, num_classes, recipe.shortcut)
     if initial_state is not None and parent_card is not None:
         model.load_state_dict(initial_state)
-        place.say(f"init: {recipe.init_from} (sha256 {parent_card['sha256'][:12]})")
+        place.say(f"init: {recipe.init_from} (sha256 {parent_card.sha256[:12]})")
     return model.to(place.device).to(memory_format=place.memory_format)
 
 
@@ -1144,7 +1146,7 @@ def record_epoch(
     row["elapsed_seconds"] = training.progress["elapsed_seconds"]
     log_epoch(run.log_path, row)
     best = training.progress["best"]
-    training.progress["best"] = keep_if_best(row, candidates, best, recipe, run.output)
+    training.progress["best"] = keep_if_best(row, candidates, best, run.output)
     return validation_seconds
 
 
@@ -1190,13 +1192,13 @@ def keep_if_best(
     row: dict[str, Any],
     candidates: dict[str, nn.Module],
     best: dict[str, Any],
-    recipe: Recipe,
     output: Path,
 ) -> dict[str, Any]:
     """Write the weights of the better candidate (model or EMA) when it beats `best` on
-    validation accuracy; with no validation split, the latest model is the best known."""
+    validation accuracy; with no validation split, the latest model is the best known.
+    The card follows at the end of the run (`finish`)."""
     if "val_accuracy" not in row:
-        save_weights(candidates["model"], output, recipe)
+        save_tensors(candidates["model"], output)
         return {"val_accuracy": -1.0, "epoch": row["epoch"], "weights": "model"}
     scores = {
         name: row[("" if name == "model" else "ema_") + "val_accuracy"] for name in candidates
@@ -1204,7 +1206,7 @@ def keep_if_best(
     name = max(scores, key=lambda candidate: scores[candidate])
     if scores[name] <= best["val_accuracy"]:
         return best
-    save_weights(candidates[name], output, recipe)
+    save_tensors(candidates[name], output)
     return {"val_accuracy": float(scores[name]), "epoch": row["epoch"], "weights": name}
 
 
@@ -1218,10 +1220,10 @@ def finish(
     log_path: Path,
     device: torch.device,
     amp_dtype: torch.dtype | None,
-    parent_card: dict[str, Any] | None,
+    parent_card: ModelCard | None,
     commit: str,
     wall_seconds: Callable[[], float],
-) -> dict[str, Any]:
+) -> ModelCard:
     """The kept weights' final fp32 figures (plain and mirrored), the curves and the card."""
     # Beside the weights, so the plot ships with them (weights/MODEL_CARD.md shows it).
     plot_curves(log_path, run.output.with_name(f"{run.output.stem}_training.png"))
@@ -1243,7 +1245,7 @@ def finish(
         progress["elapsed_seconds"],
         wall_seconds(), device, amp_dtype, parent_card, commit,
     )  # fmt: skip
-    write_card(run.output, card)
+    card = save_checked(kept, run.output, card)  # the same tensors, now with their card
     print(
         f"wrote {run.output} and {run.output.with_suffix('.json')}: "
         f"{recipe.epochs} epochs, best epoch {best.get('epoch')} ({best.get('weights')}), "
@@ -1251,32 +1253,6 @@ def finish(
         f"wall time {format_duration(wall_seconds())}"
     )
     return card
-
-
-def save_weights(model: nn.Module, path: Path, recipe: Recipe) -> None:
-    """The service's file: fp32 contiguous tensors in safetensors (no pickle), atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {
-        k: v.detach().float().contiguous().cpu()
-        if v.is_floating_point()
-        else v.detach().contiguous().cpu()
-        for k, v in model.state_dict().items()
-    }
-    temporary = path.with_name(path.name + ".tmp")
-    save_file(
-        tensors,
-        temporary,
-        metadata={
-            "architecture": json.dumps(
-                {
-                    "depth": recipe.depth,
-                    "version": recipe.version,
-                    "shortcut": recipe.shortcut,
-                }
-            ),
-        },
-    )
-    os.replace(temporary, path)
 
 
 def build_card(
@@ -1292,49 +1268,47 @@ def build_card(
     wall_seconds: float,
     device: torch.device,
     amp_dtype: torch.dtype | None,
-    parent_card: dict[str, Any] | None,
+    parent_card: ModelCard | None,
     commit: str,
-) -> dict[str, Any]:
+) -> ModelCard:
+    """The run's model card; `save_checked` adds the SHA-256 of the weights it writes (to
+    `sha256` and to this run's lineage cycle)."""
     device_name = f"{device.type}: " + (
         torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     )
-    sha256 = sha256_of(run.output)
-    this_cycle = {
-        "sha256": sha256,
-        "init": parent_card["sha256"] if parent_card else "random",
-        "epochs": recipe.epochs,
-        "peak_lr": recipe.peak_lr,
-        "time_budget_seconds": recipe.time_budget,
-        "wall_seconds": round(wall_seconds, 1),
-        "device": device_name,
-        "validation_accuracy": evaluation["accuracy"] if evaluation else None,
-        "validation_accuracy_mirror_tta": evaluation["mirror_tta"]["accuracy"]
-        if evaluation
-        else None,
-        "git_commit": commit,
-    }
+    this_cycle = Cycle(
+        init=parent_card.sha256 if parent_card else "random",
+        epochs=recipe.epochs,
+        peak_lr=recipe.peak_lr,
+        time_budget_seconds=recipe.time_budget,
+        wall_seconds=round(wall_seconds, 1),
+        device=device_name,
+        validation_accuracy=evaluation["accuracy"] if evaluation else None,
+        validation_accuracy_mirror_tta=evaluation["mirror_tta"]["accuracy"] if evaluation else None,
+        git_commit=commit,
+    )
     cycles = [*lineage_cycles(parent_card), this_cycle] if parent_card else [this_cycle]
-    return {
-        "name": f"resnet{recipe.depth}",
-        "architecture": {
-            "family": "ResNet for CIFAR (He et al. 2015)"
+    return ModelCard(
+        name=f"resnet{recipe.depth}",
+        architecture=Architecture(
+            family="ResNet for CIFAR (He et al. 2015)"
             if recipe.version == 1
             else "pre-activation ResNet (He et al. 2016)",
-            "depth": recipe.depth,
-            "version": recipe.version,
-            "shortcut": recipe.shortcut,
-            "num_classes": len(dataset.classes),
-            "input": [3, 32, 32],
-        },
-        "parameters": count_parameters(model),
-        "classes": list(dataset.classes),
-        "preprocessing": {
-            "mean": list(CIFAR10_MEAN),
-            "std": list(CIFAR10_STD),
-            "rule": "RGB; resize short side to 32 (bicubic, antialiased); centre crop; normalise",
-        },
-        "recipe": asdict(recipe),
-        "data": {
+            depth=recipe.depth,
+            version=recipe.version,
+            shortcut=recipe.shortcut,
+            num_classes=len(dataset.classes),
+            input=(3, 32, 32),
+        ),
+        parameters=count_parameters(model),
+        classes=tuple(dataset.classes),
+        preprocessing=Preprocessing(
+            mean=CIFAR10_MEAN,
+            std=CIFAR10_STD,
+            rule="RGB; resize short side to 32 (bicubic, antialiased); centre crop; normalise",
+        ),
+        recipe=asdict(recipe),
+        data={
             "description": run.data_description,
             "source": dataset.source,
             "sha256": dataset.checksum,
@@ -1345,58 +1319,59 @@ def build_card(
             if val_set
             else "none (trained on all images)",
         },
-        "epochs": recipe.epochs,
-        "best_epoch": best.get("epoch"),
-        "best_weights": best.get("weights"),  # "model" or "ema"
-        "validation": None
+        epochs=recipe.epochs,
+        best_epoch=best.get("epoch"),
+        best_weights=best.get("weights"),  # "model" or "ema"
+        validation=None
         if evaluation is None
-        else {
-            "accuracy": evaluation["accuracy"],
-            "per_class": evaluation["per_class"],
-            "precision": "fp32",
-            "mirror_tta": {
-                "accuracy": evaluation["mirror_tta"]["accuracy"],
-                "per_class": evaluation["mirror_tta"]["per_class"],
-            },
-        },
-        "lineage": {
-            "parent_sha256": parent_card["sha256"] if parent_card else None,
-            "cumulative_epochs": sum(cycle["epochs"] for cycle in cycles),
-            "cycles": cycles,
-        },
-        "training_time_seconds": round(elapsed, 1),
-        "device": device_name,
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": sys.version.split()[0],
-        "seed": recipe.seed,
-        "git_commit": commit,
-        "weights_file": run.output.name,
-        "sha256": sha256,
-    }
+        else Validation(
+            accuracy=evaluation["accuracy"],
+            per_class=evaluation["per_class"],
+            precision="fp32",
+            mirror_tta=Accuracy(
+                accuracy=evaluation["mirror_tta"]["accuracy"],
+                per_class=evaluation["mirror_tta"]["per_class"],
+            ),
+        ),
+        lineage=Lineage(
+            parent_sha256=parent_card.sha256 if parent_card else None,
+            cumulative_epochs=sum(cycle.epochs or 0 for cycle in cycles),
+            cycles=tuple(cycles),
+        ),
+        training_time_seconds=round(elapsed, 1),
+        device=device_name,
+        torch_threads=torch.get_num_threads(),
+        torch=torch.__version__,
+        python=sys.version.split()[0],
+        seed=recipe.seed,
+        git_commit=commit,
+        weights_file=run.output.name,
+    )
 
 
-def lineage_cycles(card: dict[str, Any]) -> list[dict[str, Any]]:
+def lineage_cycles(card: ModelCard) -> list[Cycle]:
     """The training cycles that made the weights of `card`, oldest first.
 
-    Cards written before lineage was recorded describe one cycle from random initialisation.
+    Cards written before lineage was recorded describe one cycle from random initialisation;
+    cards not written by model.train (tests, benchmarks) leave its figures unknown (None).
     """
-    if "lineage" in card:
-        return list(card["lineage"]["cycles"])
-    validation = card.get("validation") or {}
+    if card.lineage is not None:
+        return list(card.lineage.cycles)
+    validation = card.validation
+    mirrored = validation.mirror_tta if validation else None
     return [
-        {
-            "sha256": card["sha256"],
-            "init": "random",
-            "epochs": card["epochs"],
-            "peak_lr": card["recipe"]["lr"],
-            "time_budget_seconds": None,
-            "wall_seconds": card.get("training_time_seconds"),
-            "device": card.get("device"),
-            "validation_accuracy": validation.get("accuracy"),
-            "validation_accuracy_mirror_tta": (validation.get("mirror_tta") or {}).get("accuracy"),
-            "git_commit": card.get("git_commit"),
-        }
+        Cycle(
+            sha256=card.sha256,
+            init="random",
+            epochs=card.epochs,
+            peak_lr=card.recipe["lr"] if card.recipe else None,
+            time_budget_seconds=None,
+            wall_seconds=card.training_time_seconds,
+            device=card.device,
+            validation_accuracy=validation.accuracy if validation else None,
+            validation_accuracy_mirror_tta=mirrored.accuracy if mirrored else None,
+            git_commit=card.git_commit,
+        )
     ]
 
 

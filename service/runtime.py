@@ -140,9 +140,9 @@ class Service:
             {"engine": engine.name, "device": engine.device, "precision": engine.precision}
         )
         card = engine.card
-        self.model_name = str(card.get("name", "model"))
-        self.model_version = str(card.get("sha256", ""))[:12]
-        self.classes = tuple(card.get("classes") or CIFAR10_CLASSES)
+        self.model_name = card.name
+        self.model_version = card.sha256[:12]
+        self.classes = card.classes
         if self.state == "starting":  # not if a drain began while loading
             self.state = "ready"
 

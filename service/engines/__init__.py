@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-from typing import Any
 
 import torch
 
 from model.devices import DeviceUnavailableError, resolve_device
+from model.weights import ModelCard
 from service.engines.base import Engine, EngineOptions
 
 ENGINE_NAMES: tuple[str, ...] = ("auto", "torch", "onnxruntime", "openvino")
@@ -98,7 +98,7 @@ def check_engine(name: str, options: EngineOptions) -> type[Engine]:
 
 
 def create_engine(
-    name: str, model: torch.nn.Module, card: dict[str, Any], options: EngineOptions
+    name: str, model: torch.nn.Module, card: ModelCard, options: EngineOptions
 ) -> Engine:
     """Build the engine `name` ("auto", "torch", "onnxruntime", "openvino") for `model`.
 

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from model.calibration import DEFAULT_PATH as DEFAULT_CALIBRATION_PATH
+from model.weights import ModelCard
 
 
 @dataclass(frozen=True)
@@ -46,9 +47,7 @@ class Engine(ABC):
     name: str = "abstract"
     precision: str = "fp32"  # what the engine actually runs ("auto" resolved), for /health
 
-    def __init__(
-        self, model: torch.nn.Module, card: dict[str, Any], options: EngineOptions
-    ) -> None:
+    def __init__(self, model: torch.nn.Module, card: ModelCard, options: EngineOptions) -> None:
         self.card = card
         self.options = options
 

@@ -17,6 +17,7 @@ import torch
 
 from model.devices import resolve_device
 from model.export import INPUT_NAME, OUTPUT_NAME, cached_onnx
+from model.weights import ModelCard
 from service.engines.base import Engine, EngineOptions
 
 CUDA_PROVIDER = "CUDAExecutionProvider"
@@ -42,15 +43,13 @@ def _pick_device(requested: str, providers: list[str]) -> str:
 class OnnxRuntimeEngine(Engine):
     name = "onnxruntime"
 
-    def __init__(
-        self, model: torch.nn.Module, card: dict[str, Any], options: EngineOptions
-    ) -> None:
+    def __init__(self, model: torch.nn.Module, card: ModelCard, options: EngineOptions) -> None:
         super().__init__(model, card, options)
         import onnxruntime as ort
 
         self.check(options)
         self._device = _pick_device(options.device, ort.get_available_providers())
-        self.model_path = cached_onnx(model, card["sha256"], options.cache_dir)
+        self.model_path = cached_onnx(model, card.sha256, options.cache_dir)
 
         session_options = ort.SessionOptions()
         session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from model.export import cached_openvino, cached_openvino_int8
+from model.weights import ModelCard
 from service.engines.base import Engine, EngineOptions
 
 # Options.precision -> the name OpenVINO's CPU plugin reports among its capabilities.
@@ -42,7 +43,7 @@ class OpenVinoEngine(Engine):
     def __init__(
         self,
         model: torch.nn.Module,
-        card: dict[str, Any],
+        card: ModelCard,
         options: EngineOptions,
         *,
         performance_hint: str = "LATENCY",
@@ -68,10 +69,10 @@ class OpenVinoEngine(Engine):
 
         if self.precision == "int8":
             self.model_path = cached_openvino_int8(
-                model, card["sha256"], options.cache_dir, options.calibration_path
+                model, card.sha256, options.cache_dir, options.calibration_path
             )
         else:
-            self.model_path = cached_openvino(model, card["sha256"], options.cache_dir)
+            self.model_path = cached_openvino(model, card.sha256, options.cache_dir)
         config: dict[str, Any] = {
             hints.performance_mode: getattr(hints.PerformanceMode, performance_hint),
             # int8: the layers left in floating point run at the CPU plugin's default.

@@ -27,6 +27,7 @@ import torch.fx.experimental.optimization as fx_optimization
 
 from model.devices import PRECISION_DTYPES, autocast_dtype, resolve_device
 from model.preprocessing import normalize
+from model.weights import ModelCard
 from service.engines.base import Engine, EngineOptions
 
 logger = logging.getLogger("service")
@@ -49,9 +50,7 @@ def _next_power_of_two(n: int) -> int:
 class TorchEngine(Engine):
     name = "torch"
 
-    def __init__(
-        self, model: torch.nn.Module, card: dict[str, Any], options: EngineOptions
-    ) -> None:
+    def __init__(self, model: torch.nn.Module, card: ModelCard, options: EngineOptions) -> None:
         super().__init__(model, card, options)
         if options.threads > 0:
             # Called from the inference thread (the service builds engines there), so the

@@ -13,13 +13,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import save_file
 
 from model import evaluate
 from model.data import load_dataset, stratified_split
 from model.preprocessing import CIFAR10_CLASSES, normalize
 from model.resnet import resnet
-from model.weights import load_checked, sha256_of, write_card
+from model.weights import (
+    Architecture,
+    ModelCard,
+    card_path,
+    load_checked,
+    read_card,
+    save_checked,
+)
 from tests.model.test_data import PALETTE, class_pixels, write_cifar_batches
 
 PER_CLASS = 8
@@ -58,13 +64,12 @@ def probe_weights(tmp_path_factory: pytest.TempPathFactory, mixed_tree: Path) ->
         torch.nn.init.normal_(model.fc.weight)
         model.fc.bias.copy_(-(features[0].mean(0) @ model.fc.weight.T))
     path = tmp_path_factory.mktemp("probe") / "probe.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
-    card = {
-        "architecture": {"depth": 8, "version": 1, "shortcut": "projection", "num_classes": 10},
-        "classes": list(CIFAR10_CLASSES),
-        "sha256": sha256_of(path),
-    }
-    write_card(path, card)
+    card = ModelCard(
+        name="probe",
+        architecture=Architecture(depth=8, version=1, num_classes=10),
+        classes=CIFAR10_CLASSES,
+    )
+    save_checked(model, path, card)
     return path
 
 
@@ -214,8 +219,8 @@ def test_weights_that_fail_their_checksum_are_refused(
 ) -> None:
     weights = tmp_path / "probe.safetensors"
     shutil.copy(probe_weights, weights)
-    card = json.loads(probe_weights.with_suffix(".json").read_text())
-    write_card(weights, dict(card, sha256="0" * 64))
+    card = read_card(probe_weights).model_copy(update={"sha256": "0" * 64})
+    card_path(weights).write_text(card.to_json())  # a card that names other weights
     with pytest.raises(SystemExit) as exit_info:
         evaluate.main(run(weights, mixed_tree, tmp_path))
     assert exit_info.value.code == 2

@@ -21,11 +21,18 @@ from safetensors.torch import load_file
 
 from model import evaluate, train
 from model.resnet import count_parameters, resnet
-from model.weights import load_checked, sha256_of
+from model.weights import ModelCard, load_checked, read_card, sha256_of
 from tests.model.test_data import write_class_tree
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CLASSES = ("red", "green", "blue", "yellow")  # PALETTE's first four colours
+
+
+def trained(argv: list[str]) -> ModelCard:
+    """`train.main(argv)` in this process: the card it wrote (one process is rank 0)."""
+    card = train.main(argv)
+    assert card is not None
+    return card
 
 
 @pytest.fixture
@@ -66,24 +73,27 @@ def tiny_run(data: Path, out: Path, *extra: str) -> list[str]:
 
 
 def test_tiny_run_learns_and_writes_a_matching_card(colour_tree: Path, tmp_path: Path) -> None:
-    card = train.main(tiny_run(colour_tree, tmp_path, "--epochs", "3"))
+    card = trained(tiny_run(colour_tree, tmp_path, "--epochs", "3"))
     weights = tmp_path / "weights" / "tiny.safetensors"
 
     # Far above chance (0.25) on held-out images, measured in fp32 on the kept weights.
-    assert card["validation"]["accuracy"] >= 0.9
-    assert card["validation"]["precision"] == "fp32"
-    per_class = card["validation"]["per_class"]
+    assert card.validation is not None and card.validation.mirror_tta is not None
+    assert card.validation.accuracy >= 0.9
+    assert card.validation.precision == "fp32"
+    per_class = card.validation.per_class
     assert len(per_class) == len(CLASSES) and min(per_class) > 0.5  # every class, not most
 
     # The card on disk is the one returned, and its checksum is the weights file's.
-    assert json.loads(weights.with_suffix(".json").read_text()) == card
-    assert card["sha256"] == sha256_of(weights)
-    assert card["weights_file"] == weights.name
-    assert card["classes"] == sorted(CLASSES)  # not CIFAR-10 names: alphabetical
-    assert card["architecture"]["depth"] == 8 and card["architecture"]["num_classes"] == 4
-    assert card["parameters"] == count_parameters(resnet(8, num_classes=4))
-    assert card["data"]["train_images"] == 160 and card["data"]["validation_images"] == 40
-    assert 1 <= card["best_epoch"] <= 3 and card["best_weights"] in ("model", "ema")
+    assert read_card(weights) == card
+    assert card.sha256 == sha256_of(weights)
+    assert card.weights_file == weights.name
+    assert list(card.classes) == sorted(CLASSES)  # not CIFAR-10 names: alphabetical
+    assert card.architecture.depth == 8 and card.architecture.num_classes == 4
+    assert card.parameters == count_parameters(resnet(8, num_classes=4))
+    assert card.data is not None
+    assert card.data["train_images"] == 160 and card.data["validation_images"] == 40
+    assert card.best_epoch is not None and 1 <= card.best_epoch <= 3
+    assert card.best_weights in ("model", "ema")
 
     # The service's loader accepts the pair: checksum, architecture and tensors agree.
     model, loaded_card = load_checked(weights)
@@ -106,24 +116,24 @@ def test_tiny_run_learns_and_writes_a_matching_card(colour_tree: Path, tmp_path:
          "--plot", str(tmp_path / "confusion.png")]
     )  # fmt: skip
     assert result["images"] == 40
-    assert result["accuracy"] == card["validation"]["accuracy"]
-    assert list(result["per_class"].values()) == card["validation"]["per_class"]
+    assert result["accuracy"] == card.validation.accuracy
+    assert tuple(result["per_class"].values()) == card.validation.per_class
     # ... and `--tta` the mirror-averaged figure the service serves by default.
     mirrored = evaluate.main(
         ["--weights", str(weights), "--data", str(colour_tree), "--val-size", "40",
          "--seed", "0", "--json", "--tta", "--cache-dir", str(tmp_path / "cache"),
          "--plot", str(tmp_path / "confusion.png")]
     )  # fmt: skip
-    assert mirrored["accuracy"] == card["validation"]["mirror_tta"]["accuracy"]
-    assert list(mirrored["per_class"].values()) == card["validation"]["mirror_tta"]["per_class"]
+    assert mirrored["accuracy"] == card.validation.mirror_tta.accuracy
+    assert tuple(mirrored["per_class"].values()) == card.validation.mirror_tta.per_class
 
 
 def test_compiled_training_learns(colour_tree: Path, tmp_path: Path) -> None:
     """torch.compile is the default: the compiled step (Inductor's kernels, and a second
     static graph for the epoch's shorter last batch) must learn what eager learns."""
     args = tiny_run(colour_tree, tmp_path, "--epochs", "3", "--limit", "150", "--compile")
-    card = train.main(args)
-    assert card["validation"]["accuracy"] >= 0.9
+    card = trained(args)
+    assert card.validation is not None and card.validation.accuracy >= 0.9
 
 
 def test_compile_without_a_cpp_compiler_names_the_fix(
@@ -137,10 +147,10 @@ def test_compile_without_a_cpp_compiler_names_the_fix(
 def test_run_without_validation_keeps_the_last_epoch(colour_tree: Path, tmp_path: Path) -> None:
     args = tiny_run(colour_tree, tmp_path, "--epochs", "2", "--limit", "48")
     args[args.index("--val-size") + 1] = "0"
-    card = train.main(args)
-    assert card["validation"] is None
-    assert card["data"]["validation_images"] == 0 and card["data"]["train_images"] == 48
-    assert card["best_epoch"] == 2
+    card = trained(args)
+    assert card.validation is None and card.data is not None
+    assert card.data["validation_images"] == 0 and card.data["train_images"] == 48
+    assert card.best_epoch == 2
     state = load_file(tmp_path / "weights" / "tiny.safetensors")
     checkpoint = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     # With nothing to select on, the weights written are the final model's.
@@ -164,7 +174,7 @@ def test_the_better_of_model_and_ema_is_written(
     }
     row = {"epoch": 3, "val_accuracy": model_score, "ema_val_accuracy": ema_score}
     output = tmp_path / "kept.safetensors"
-    best = train.keep_if_best(row, candidates, {"val_accuracy": 0.5}, train.Recipe(depth=8), output)
+    best = train.keep_if_best(row, candidates, {"val_accuracy": 0.5}, output)
     assert best == {"val_accuracy": max(model_score, ema_score), "epoch": 3, "weights": kept}
     written = load_file(output)
     expected = candidates[kept].state_dict()
@@ -179,7 +189,7 @@ def test_an_epoch_that_does_not_beat_the_best_writes_nothing(tmp_path: Path) -> 
     row = {"epoch": 4, "val_accuracy": 0.8, "ema_val_accuracy": 0.85}
     best = {"val_accuracy": 0.85, "epoch": 2, "weights": "ema"}
     output = tmp_path / "kept.safetensors"
-    assert train.keep_if_best(row, candidates, best, train.Recipe(depth=8), output) == best
+    assert train.keep_if_best(row, candidates, best, output) == best
     assert not output.exists()
 
 
@@ -221,7 +231,7 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_one(
     epochs_done = torch.load(checkpoint, weights_only=True)["epoch"]
     assert 1 <= epochs_done < 3
 
-    card = train.main(tiny_run(colour_tree, killed, *flags, "--resume"))
+    card = trained(tiny_run(colour_tree, killed, *flags, "--resume"))
 
     # Same kept weights, bit for bit, and the same final training state.
     assert_same_tensors(
@@ -243,7 +253,7 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_one(
         return [{k: row[k] for k in ("epoch", "train_loss", "val_accuracy", "lr")} for row in rows]
 
     assert log(killed) == log(straight)
-    assert card["sha256"] == sha256_of(killed / "weights" / "tiny.safetensors")
+    assert card.sha256 == sha256_of(killed / "weights" / "tiny.safetensors")
 
 
 def assert_same_tensors(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
@@ -258,30 +268,29 @@ def assert_same_tensors(actual: dict[str, torch.Tensor], expected: dict[str, tor
 def test_init_from_starts_from_the_weights_and_records_the_lineage(
     colour_tree: Path, tmp_path: Path
 ) -> None:
-    parent_card = train.main(tiny_run(colour_tree, tmp_path / "parent", "--epochs", "2"))
+    parent_card = trained(tiny_run(colour_tree, tmp_path / "parent", "--epochs", "2"))
     parent = tmp_path / "parent" / "weights" / "tiny.safetensors"
     # lr 0 and no EMA: a run that starts from the parent's weights cannot move its conv and
     # linear weights, so the child's file holds exactly the parent's.
     child_args = tiny_run(colour_tree, tmp_path / "child", "--epochs", "1", "--lr", "0")
     child_args[child_args.index("--ema-decay") + 1] = "0"
-    card = train.main([*child_args, "--init-from", str(parent)])
+    card = trained([*child_args, "--init-from", str(parent)])
     parent_state = load_file(parent)
     child_state = load_file(tmp_path / "child" / "weights" / "tiny.safetensors")
     matrices = [name for name, tensor in parent_state.items() if tensor.ndim > 1]
     assert matrices and all(torch.equal(child_state[n], parent_state[n]) for n in matrices)
 
-    lineage = card["lineage"]
-    assert lineage["parent_sha256"] == parent_card["sha256"] == sha256_of(parent)
-    assert lineage["cumulative_epochs"] == 2 + 1
-    assert [cycle["sha256"] for cycle in lineage["cycles"]] == [
-        parent_card["sha256"],
-        card["sha256"],
-    ]
-    this_cycle = lineage["cycles"][-1]
-    assert this_cycle["init"] == parent_card["sha256"]
-    assert this_cycle["epochs"] == 1 and this_cycle["peak_lr"] == 0.0
-    assert this_cycle["validation_accuracy"] == card["validation"]["accuracy"]
-    assert parent_card["lineage"]["cycles"][0]["init"] == "random"
+    lineage = card.lineage
+    assert lineage is not None and parent_card.lineage is not None
+    assert lineage.parent_sha256 == parent_card.sha256 == sha256_of(parent)
+    assert lineage.cumulative_epochs == 2 + 1
+    assert [cycle.sha256 for cycle in lineage.cycles] == [parent_card.sha256, card.sha256]
+    this_cycle = lineage.cycles[-1]
+    assert this_cycle.init == parent_card.sha256
+    assert this_cycle.epochs == 1 and this_cycle.peak_lr == 0.0
+    assert card.validation is not None
+    assert this_cycle.validation_accuracy == card.validation.accuracy
+    assert parent_card.lineage.cycles[0].init == "random"
 
 
 def test_init_from_other_architecture_stops_before_training(
@@ -349,13 +358,15 @@ def test_time_budget_fits_the_epochs_and_ends_at_lr_zero_inside_it(
 ) -> None:
     budget = 20.0
     started = time.monotonic()
-    card = train.main(tiny_run(colour_tree, tmp_path, "--time-budget", f"{budget:.0f}s"))
+    card = trained(tiny_run(colour_tree, tmp_path, "--time-budget", f"{budget:.0f}s"))
     wall = time.monotonic() - started
     rows = run_log(tmp_path)
     assert wall <= budget  # the weights and card are written inside the budget
-    assert card["epochs"] == len(rows) == card["lineage"]["cycles"][-1]["epochs"] >= 3
-    assert card["recipe"]["time_budget"] == budget
-    assert rows[-1]["lr"] < 0.02 * card["recipe"]["lr"]  # annealed to (within a step of) zero
+    assert card.lineage is not None and card.recipe is not None
+    assert card.epochs == len(rows) == card.lineage.cycles[-1].epochs
+    assert len(rows) >= 3
+    assert card.recipe["time_budget"] == budget
+    assert rows[-1]["lr"] < 0.02 * card.recipe["lr"]  # annealed to (within a step of) zero
 
 
 def test_time_budget_holds_when_the_trainer_is_paused(colour_tree: Path, tmp_path: Path) -> None:
@@ -400,8 +411,8 @@ def test_without_data_flags_the_data_comes_from_the_environment(
     monkeypatch.setenv(train.DATA_ENV, str(colour_tree))
     args = tiny_run(colour_tree, tmp_path, "--epochs", "1")
     del args[args.index("--data") : args.index("--data") + 2]
-    card = train.main(args)
-    assert card["data"]["source"] == str(colour_tree)
+    card = trained(args)
+    assert card.data is not None and card.data["source"] == str(colour_tree)
 
 
 def test_without_data_or_internet_one_line_says_what_to_pass(tmp_path: Path) -> None:
@@ -434,7 +445,7 @@ def test_torchrun_trains_one_model_on_two_processes_and_resumes(
     colour_tree: Path, tmp_path: Path
 ) -> None:
     flags = ["--precision", "fp32", "--no-channels-last"]
-    single = train.main(tiny_run(colour_tree, tmp_path / "one", "--epochs", "3", *flags))
+    single = trained(tiny_run(colour_tree, tmp_path / "one", "--epochs", "3", *flags))
 
     two = tmp_path / "two"
     first = torchrun(2, tiny_run(colour_tree, two, "--epochs", "2", *flags))
@@ -446,7 +457,7 @@ def test_torchrun_trains_one_model_on_two_processes_and_resumes(
     resumed = torchrun(2, [*tiny_run(colour_tree, two, "--epochs", "3", *flags), "--resume"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout and "after epoch 2" in resumed.stdout
-    card = json.loads((two / "weights" / "tiny.json").read_text())
+    card = read_card(two / "weights" / "tiny.safetensors")
 
     # The same global batch (16 = 2 x 8) learns what one process learns: each rank has its
     # own augmentation, so the figures agree within a tolerance, not exactly.
@@ -454,8 +465,10 @@ def test_torchrun_trains_one_model_on_two_processes_and_resumes(
     one_rows, two_rows = run_log(tmp_path / "one"), run_log(two)
     for one_row, two_row in zip(one_rows, two_rows, strict=True):
         assert abs(one_row["train_loss"] - two_row["train_loss"]) < 0.25
-    assert card["validation"]["accuracy"] >= 0.9 and single["validation"]["accuracy"] >= 0.9
-    assert card["data"]["train_images"] == single["data"]["train_images"]
+    assert card.validation is not None and single.validation is not None
+    assert card.validation.accuracy >= 0.9 and single.validation.accuracy >= 0.9
+    assert card.data is not None and single.data is not None
+    assert card.data["train_images"] == single.data["train_images"]
 
 
 def test_a_batch_that_does_not_split_over_the_processes_is_refused(

@@ -21,12 +21,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from fastapi.testclient import TestClient
-from safetensors.torch import save_file
 
 from model.calibration import save_calibration
 from model.export import MIN_AGREEMENT, TOLERANCE
 from model.preprocessing import CIFAR10_CLASSES, normalize
-from model.weights import load_checked, read_card, sha256_of, write_card
+from model.weights import load_checked, read_card, save_checked, sha256_of
 from service.app import create_app
 from service.engines import Engine, EngineOptions, engine_class
 from tests.helpers import write_test_weights
@@ -78,10 +77,9 @@ def train_briefly(model: torch.nn.Module, steps: int = 100, batch_size: int = 32
 def trained_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A briefly trained ResNet8 saved like model.train saves weights (file + matching card)."""
     path = write_test_weights(tmp_path_factory.mktemp("trained") / "resnet8.safetensors")
-    model, _ = load_checked(path)
+    model, card = load_checked(path)
     train_briefly(model)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
-    write_card(path, read_card(path) | {"sha256": sha256_of(path)})
+    save_checked(model, path, card)
     return path
 
 
@@ -193,7 +191,7 @@ def test_engine_caches_its_export_by_weights_sha256(
     make_engine: Callable[..., Engine], trained_weights: Path, name: str
 ) -> None:
     engine = make_engine(name, "fp32")
-    sha256 = read_card(trained_weights)["sha256"]
+    sha256 = read_card(trained_weights).sha256
     described = engine.describe()
     assert described["engine"] == name and described["device"] == "cpu"
     assert described["precision"] == "fp32"
@@ -300,7 +298,7 @@ def test_int8_model_is_cached_per_weights_and_calibration_sha256(
     engine = make_engine("openvino", "int8")
     cached = Path(engine.describe()["model_file"])
     assert cached.is_file() and cached.with_suffix(".bin").is_file()
-    assert cached.parent.name.startswith(f"{read_card(trained_weights)['sha256']}.openvino-int8")
+    assert cached.parent.name.startswith(f"{read_card(trained_weights).sha256}.openvino-int8")
     assert sha256_of(calibration_file)[:16] in cached.parent.name
     modified = cached.stat().st_mtime_ns
     quantized: list[Path] = []
