@@ -5,15 +5,13 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from model.preprocessing import resize_and_crop
-
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
+from tests.support.tools import PROJECT_ROOT
 
 
 def rule_2(image: Image.Image, size: int = 32) -> Image.Image:

@@ -13,15 +13,9 @@ from PIL import Image
 from model.preprocessing import CIFAR10_CLASSES
 from model.weights import sha256_of
 from service.app import create_app
-from tests.service.support import (
-    image_bytes,
-    metric,
-    noise_image,
-    png,
-    reference_probabilities,
-    running,
-    settings_for,
-)
+from tests.support.images import image_bytes, noise_image, png
+from tests.support.reference import reference_probabilities
+from tests.support.service import metric, running, settings_for
 
 
 def test_predict_answers_label_probabilities_version_size_and_timings(

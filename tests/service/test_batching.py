@@ -15,16 +15,9 @@ from starlette.types import Message
 
 from service.app import create_app, load_engine
 from service.engines.base import Engine
-from tests.service.support import (
-    gated_factory,
-    image_bytes,
-    metric,
-    noise_image,
-    png,
-    reference_probabilities,
-    running,
-    settings_for,
-)
+from tests.support.images import image_bytes, noise_image, png
+from tests.support.reference import reference_probabilities
+from tests.support.service import gated_factory, metric, running, settings_for
 
 
 async def _wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:

@@ -21,8 +21,9 @@ from service.app import create_app, load_engine
 from service.config import Settings
 from service.engines.base import Engine
 from tests.service.conftest import Spawn
-from tests.service.support import metric, png, running, settings_for, wait_ready
-from tests.service.test_process import _free_port, _wait_ready
+from tests.support.images import png
+from tests.support.server import free_port, wait_process_ready
+from tests.support.service import metric, running, settings_for, wait_ready
 
 
 def _get_routes(client: TestClient) -> list[str]:
@@ -208,7 +209,7 @@ def _first_answer(url: str, process: subprocess.Popen[str]) -> httpx.Response:
 def test_the_port_opens_before_the_model_loads(
     weights_file: Path, tmp_path: Path, spawn: Spawn
 ) -> None:
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     gate = tmp_path / "gate"
     process = _start_gated(spawn, weights_file, gate, port)
@@ -221,7 +222,7 @@ def test_the_port_opens_before_the_model_loads(
         assert httpx.head(f"{url}/health/live", timeout=2).status_code == 200
 
         gate.write_text("go")
-        _wait_ready(url, process)
+        wait_process_ready(url, process)
         assert httpx.post(f"{url}/predict", files={"file": ("a", png(1))}).status_code == 200
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0
@@ -232,7 +233,7 @@ def test_the_port_opens_before_the_model_loads(
 def test_a_failed_load_after_the_port_opened_exits_3(
     weights_file: Path, tmp_path: Path, spawn: Spawn
 ) -> None:
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     gate = tmp_path / "gate"
     process = _start_gated(spawn, weights_file, gate, port)
