@@ -21,9 +21,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.nn.functional as F
@@ -302,8 +303,8 @@ def _engine(args: argparse.Namespace, model: nn.Module, card: dict[str, Any]) ->
     from service.engines import EngineOptions, EngineUnavailableError, check_engine
 
     if args.precision not in ("auto", *ENGINE_PRECISIONS[args.engine]):
-        raise SystemExit(
-            f"error: the {args.engine} engine cannot run {args.precision} (it runs auto, "
+        _refuse(
+            f"the {args.engine} engine cannot run {args.precision} (it runs auto, "
             f"{', '.join(ENGINE_PRECISIONS[args.engine])})"
         )
     options = EngineOptions(
@@ -315,7 +316,14 @@ def _engine(args: argparse.Namespace, model: nn.Module, card: dict[str, Any]) ->
     try:
         return check_engine(args.engine, options)(model, card, options)
     except (EngineUnavailableError, ValueError, RuntimeError) as error:
-        raise SystemExit(f"error: {error}") from None
+        _refuse(str(error))
+
+
+def _refuse(reason: str) -> NoReturn:
+    """Exit with status 2, a usage error as argparse's own (SystemExit with a message would
+    exit 1), and the reason in one line on stderr."""
+    print(f"error: {reason}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 if __name__ == "__main__":
