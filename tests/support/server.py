@@ -25,9 +25,12 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serving(app: FastAPI, start_timeout_s: float = 120.0) -> Iterator[str]:
+def serving(app: FastAPI, start_timeout_s: float = 120.0, *, ready: bool = True) -> Iterator[str]:
     """Serve `app` (lifespan included) and yield its "127.0.0.1:PORT"; the server stops
-    and its thread is joined on the way out, whatever the test did."""
+    and its thread is joined on the way out, whatever the test did. The port opens before
+    the model has loaded; with `ready` (the default) this waits until GET /health says 200,
+    as a load balancer would. RuntimeError if it does not start or load within
+    `start_timeout_s` seconds, or loading fails."""
     port = free_port()
     config = uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="on", log_level="warning")
     server = uvicorn.Server(config)
@@ -38,6 +41,10 @@ def serving(app: FastAPI, start_timeout_s: float = 120.0) -> Iterator[str]:
         while not server.started:
             if not thread.is_alive() or time.monotonic() > deadline:
                 raise RuntimeError(f"the test server on port {port} did not start")
+            time.sleep(0.05)
+        while ready and (health := httpx.get(f"http://127.0.0.1:{port}/health")).is_error:
+            if health.json()["status"] != "starting" or time.monotonic() > deadline:
+                raise RuntimeError(f"the test server never became ready: {health.text}")
             time.sleep(0.05)
         yield f"127.0.0.1:{port}"
     finally:
