@@ -21,9 +21,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
 import torch.nn.functional as F
@@ -314,7 +315,7 @@ def _engine(args: argparse.Namespace, model: nn.Module, card: ModelCard) -> Any:
         args.engine, device, args.precision
     )
     if problem is not None:
-        raise SystemExit(f"error: {problem}")
+        _refuse(problem)
     options = EngineOptions(
         device=device,
         precision=args.precision,
@@ -324,7 +325,14 @@ def _engine(args: argparse.Namespace, model: nn.Module, card: ModelCard) -> Any:
     try:
         return check_engine(args.engine, options)(model, card, options)
     except (EngineUnavailableError, ValueError, RuntimeError) as error:
-        raise SystemExit(f"error: {error}") from None
+        _refuse(str(error))
+
+
+def _refuse(reason: str) -> NoReturn:
+    """Exit with status 2, a usage error as argparse's own (SystemExit with a message would
+    exit 1), and the reason in one line on stderr."""
+    print(f"error: {reason}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import write_test_weights
+from tests.support.weights import write_test_weights
 
 
 @pytest.fixture(scope="session")

@@ -30,11 +30,21 @@ class EngineUnavailableError(RuntimeError):
 
 
 def engine_class(name: str) -> type[Engine]:
-    """The Engine subclass for a concrete engine name, imported on first use."""
+    """The Engine subclass for a concrete engine name, imported on first use.
+
+    Raises EngineUnavailableError for an unknown name, and for an engine whose packages are
+    not installed (naming the pip command): its module imports them only when an engine is
+    built, which would otherwise fail later, after the model has loaded."""
     if name not in _ENGINES:
         raise EngineUnavailableError(
             f"unknown engine {name!r}: choose one of {', '.join(ENGINE_NAMES)}"
         )
+    for package in dict(_CPU_ENGINES).get(name, ()):
+        if importlib.util.find_spec(package) is None:
+            raise EngineUnavailableError(
+                f"engine {name!r} needs the {package} package, not installed here: "
+                f"pip install {package}"
+            )
     module_name, class_name = _ENGINES[name]
     try:
         module = importlib.import_module(module_name)

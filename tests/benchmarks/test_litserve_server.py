@@ -14,7 +14,8 @@ import httpx
 import pytest
 
 from benchmarks.load import free_port, start_service, stop_service
-from tests.service.support import noise_image, png, reference_probabilities
+from tests.support.images import noise_image, png
+from tests.support.reference import reference_probabilities
 
 pytest.importorskip("litserve", reason="the LitServe baseline needs pip install -e '.[bench]'")
 

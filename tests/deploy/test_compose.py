@@ -10,7 +10,7 @@ import yaml
 
 from deploy.proxy import CLASSIFIER_CONF
 from service.config import Settings
-from tests.deploy.support import PROJECT_ROOT
+from tests.support.tools import PROJECT_ROOT
 
 
 def _load(name: str) -> dict[str, Any]:

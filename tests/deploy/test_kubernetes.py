@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from service.config import Settings
-from tests.deploy.support import PROJECT_ROOT, require_tool
+from tests.support.tools import PROJECT_ROOT, require_tool
 
 KUBERNETES = PROJECT_ROOT / "deploy" / "kubernetes"
 VALIDATE = KUBERNETES / "validate.sh"

@@ -26,8 +26,9 @@ import pytest
 from deploy.proxy import CLASSIFIER_CONF, running_proxy
 from model.preprocessing import CIFAR10_CLASSES
 from service.config import Settings
-from tests.deploy.support import PROJECT_ROOT, require_tool
-from tests.service.support import png
+from tests.support.images import png
+from tests.support.server import free_port
+from tests.support.tools import PROJECT_ROOT, require_tool
 
 # The bounds classifier.conf sets and docs/deployment.md states, in seconds.
 HEAD_TIMEOUT_S = 10  # client_header_timeout: the whole request head
@@ -45,12 +46,6 @@ def _nginx() -> None:
 def _address(listen: str) -> tuple[str, int]:
     host, _, port = listen.rpartition(":")
     return host, int(port)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass
@@ -80,7 +75,7 @@ def replicas(weights: Path, folder: Path, count: int) -> Iterator[list[Replica]]
     started: list[Replica] = []
     try:
         for index in range(count):
-            port = _free_port()
+            port = free_port()
             log = folder / f"replica{index}.log"
             command = [
                 *(sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port)),
@@ -117,7 +112,7 @@ def one_replica_proxy(
     weights_file: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[str, Replica]]:
     """The proxy's address, in front of one ready replica."""
-    listen = f"127.0.0.1:{_free_port()}"
+    listen = f"127.0.0.1:{free_port()}"
     with ExitStack() as stack:
         folder = tmp_path_factory.mktemp("one-replica")
         [replica] = stack.enter_context(replicas(weights_file, folder, 1))
@@ -177,7 +172,7 @@ class Load:
 def test_sigterm_to_one_replica_under_load_fails_and_loses_no_request(
     weights_file: Path, tmp_path: Path
 ) -> None:
-    listen = f"127.0.0.1:{_free_port()}"
+    listen = f"127.0.0.1:{free_port()}"
     with ExitStack() as stack:
         cluster = stack.enter_context(replicas(weights_file, tmp_path, 3))
         stack.enter_context(running_proxy(listen, [r.address for r in cluster]))

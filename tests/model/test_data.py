@@ -322,13 +322,24 @@ def test_split_has_exact_per_class_counts_and_is_disjoint() -> None:
     assert len(labels[train[:20]].unique()) > 3
 
 
-def test_split_rounds_uneven_classes_to_the_requested_size() -> None:
+@pytest.mark.parametrize(
+    ("val_size", "per_class"),
+    [
+        # Exact shares 8.0 / 4.8 / 3.2: rounded down, 15; the one left over goes to the
+        # largest remainder, class 1.
+        (16, [8, 5, 3]),
+        # 6.5 / 3.9 / 2.6: rounded down, 11; two left over, to classes 1 (0.9) and 2 (0.6),
+        # not to class 0, the biggest class, whose remainder (0.5) is the smallest.
+        (13, [6, 4, 3]),
+    ],
+)
+def test_split_rounds_uneven_classes_by_largest_remainders(
+    val_size: int, per_class: list[int]
+) -> None:
     labels = torch.tensor([0] * 50 + [1] * 30 + [2] * 20)
-    train, val = stratified_split(labels, val_size=15, seed=1)
-    assert len(val) == 15 and len(train) == 85
-    # Exact shares are 7.5 / 4.5 / 3.0: each class gets its share rounded down or up.
-    counts = torch.bincount(labels[val], minlength=3).tolist()
-    assert counts[0] in (7, 8) and counts[1] in (4, 5) and counts[2] == 3
+    train, val = stratified_split(labels, val_size=val_size, seed=1)
+    assert len(val) == val_size and len(train) == 100 - val_size
+    assert torch.bincount(labels[val], minlength=3).tolist() == per_class
 
 
 def test_split_is_seeded() -> None:

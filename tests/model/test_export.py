@@ -21,7 +21,7 @@ from model.export import (
 )
 from model.preprocessing import normalize
 from model.weights import load_checked
-from tests.helpers import write_test_weights
+from tests.support.weights import write_test_weights
 
 pytest.importorskip("onnxscript", reason="torch.onnx.export(dynamo=True) needs onnxscript")
 

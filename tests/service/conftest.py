@@ -8,9 +8,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
-from tests.service.support import settings_for, wait_ready_sync
-
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
+from tests.support.service import settings_for, wait_ready_sync
+from tests.support.tools import PROJECT_ROOT
 
 
 @pytest.fixture(scope="module")

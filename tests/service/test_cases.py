@@ -13,7 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from tests.service.support import reference_probabilities
+from tests.support.reference import reference_probabilities
 
 CASES = Path(__file__).parent / "cases"
 

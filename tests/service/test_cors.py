@@ -14,7 +14,8 @@ from pydantic import ValidationError
 
 from service.app import create_app
 from service.config import Settings
-from tests.service.support import png, settings_for, wait_ready_sync
+from tests.support.images import png
+from tests.support.service import settings_for, wait_ready_sync
 
 FRONT_END = "https://front.example"
 

@@ -28,8 +28,9 @@ from model.preprocessing import CIFAR10_CLASSES, normalize
 from model.weights import load_checked, read_card, save_checked, sha256_of
 from service.app import create_app
 from service.engines import Engine, EngineOptions, engine_class
-from tests.helpers import write_test_weights
-from tests.service.support import metric, png, settings_for, wait_ready_sync
+from tests.support.images import png
+from tests.support.service import metric, settings_for, wait_ready_sync
+from tests.support.weights import write_test_weights
 
 # (engine name, which is also its package, precision); bf16 runs only where the CPU has it.
 CASES = [

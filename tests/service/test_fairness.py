@@ -20,7 +20,9 @@ from PIL import Image
 import service.decoding
 from service.app import create_app
 from service.images import DecodedImage, Upload, decode_image
-from tests.service.support import image_bytes, png, reference_probabilities, running, settings_for
+from tests.support.images import image_bytes, png
+from tests.support.reference import reference_probabilities
+from tests.support.service import running, settings_for
 
 CASES = Path(__file__).parent / "cases"
 

@@ -16,14 +16,9 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from service.app import create_app
-from tests.service.support import (
-    image_bytes,
-    noise_image,
-    png,
-    reference_probabilities,
-    running,
-    settings_for,
-)
+from tests.support.images import image_bytes, noise_image, png
+from tests.support.reference import reference_probabilities
+from tests.support.service import running, settings_for
 
 
 def post(client: TestClient, data: bytes, name: str = "upload") -> tuple[int, dict]:

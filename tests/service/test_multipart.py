@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.service.support import png
+from tests.support.images import png
 
 CASES = Path(__file__).parent / "cases"
 BOUNDARY = b"bnd9"

@@ -29,8 +29,8 @@ from schemathesis.checks import (
 from schemathesis.config import SchemathesisConfig
 
 from service.app import create_app
-from tests.service.live import serving
-from tests.service.support import settings_for
+from tests.support.server import serving
+from tests.support.service import settings_for
 
 CHECKS = [
     not_a_server_error,

@@ -24,13 +24,9 @@ import torch
 
 from model.weights import card_path, sha256_of
 from tests.service.conftest import Spawn
-from tests.service.support import metric, png
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tests.support.images import png
+from tests.support.server import free_port, wait_process_ready
+from tests.support.service import metric
 
 
 def _service(spawn: Spawn, weights: Path, port: int, *flags: str) -> subprocess.Popen[str]:
@@ -134,7 +130,7 @@ def test_bad_weights_exit_nonzero_with_a_one_line_reason(
     if not torch.accelerator.is_available():
         cases["no accelerator"] = (weights_file, ("--device", "cuda"))
     # All at once: each process pays for importing torch, so in parallel they take one's time.
-    ports = {reason: _free_port() for reason in cases}
+    ports = {reason: free_port() for reason in cases}
     processes = {
         reason: (_service(spawn, path, ports[reason], *flags), ports[reason])
         for reason, (path, flags) in cases.items()
@@ -148,24 +144,10 @@ def test_bad_weights_exit_nonzero_with_a_one_line_reason(
         assert "Traceback" not in stderr[reason]
 
 
-def _wait_ready(url: str, process: subprocess.Popen[str], timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert process.poll() is None, process.communicate()[1]
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    process.kill()  # to read what it said; the spawn fixture reaps it
-    pytest.fail(f"the service never became ready: {process.communicate()[1]}")
-
-
 def test_sigterm_answers_every_accepted_request_then_exits_0(
     weights_file: Path, spawn: Spawn
 ) -> None:
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     process = _service(spawn, weights_file, port, "--max-batch-size", "16")
     go = threading.Event()
@@ -184,7 +166,7 @@ def test_sigterm_answers_every_accepted_request_then_exits_0(
         return httpx.post(f"{url}/predict", content=chunks(), headers=headers, timeout=60)
 
     try:
-        _wait_ready(url, process)
+        wait_process_ready(url, process)
         with ThreadPoolExecutor(6) as pool:
             in_flight = [pool.submit(slow_upload, seed) for seed in range(6)]
             deadline = time.monotonic() + 30

@@ -23,8 +23,10 @@ from tritonclient.utils import InferenceServerException
 from model.preprocessing import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, image_to_tensor
 from model.weights import sha256_of
 from service.app import create_app
-from tests.service.live import serving
-from tests.service.support import image_bytes, noise_image, reference_probabilities, settings_for
+from tests.support.images import image_bytes, noise_image
+from tests.support.reference import reference_probabilities
+from tests.support.server import serving
+from tests.support.service import settings_for
 
 CAT = Path(__file__).resolve().parents[2] / "examples" / "cat.png"
 MAX_FILES = 4

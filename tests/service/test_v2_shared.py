@@ -16,7 +16,8 @@ import pytest
 from service.app import create_app
 from service.errors import ApiError
 from service.v2.tensors import decode_request
-from tests.service.support import gated_factory, metric, png, running, settings_for
+from tests.support.images import png
+from tests.support.service import gated_factory, metric, running, settings_for
 
 INFER = "/v2/models/resnet8/infer"
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -24,15 +23,11 @@ import httpx
 import pytest
 from playwright.sync_api import expect
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
+from tests.support.server import free_port
+from tests.support.tools import PROJECT_ROOT
+
 # The shipped model: the page must show what a person would see ("cat" for the cat).
 WEIGHTS = PROJECT_ROOT / "weights" / "resnet56.safetensors"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _chromium() -> str:
@@ -98,7 +93,7 @@ def front_end_origin(front_end: int) -> str:
 @pytest.fixture(scope="session")
 def service_url(tmp_path_factory: pytest.TempPathFactory, front_end_origin: str) -> Iterator[str]:
     """`python -m service` on a free port until the session ends; killed whatever happens."""
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = tmp_path_factory.mktemp("service") / "service.log"
     command = [

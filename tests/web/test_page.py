@@ -14,8 +14,8 @@ from PIL import Image
 from playwright.sync_api import Browser, FilePayload, Page, Route, expect
 
 from model.preprocessing import CIFAR10_CLASSES, image_to_tensor
+from tests.support.tools import PROJECT_ROOT
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 CAT = PROJECT_ROOT / "examples" / "cat.png"
 # Written by every run of test_a_cat_chosen_with_the_keyboard_is_classified; docs/api.md
 # shows it, so a change to the page shows up in the picture (commit the new one).

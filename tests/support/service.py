@@ -1,11 +1,10 @@
-"""Helpers for the service tests: images in every format, engines that block or fail, an
-in-process app driven by httpx, and the reference (unbatched) model."""
+"""Helpers for the service tests: small settings, engines that block or fail, an in-process
+app driven by httpx, and reading one sample out of /metrics."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -13,52 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 import torch
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
-from PIL import Image
 
-from model.preprocessing import image_to_tensor, normalize
-from model.weights import load_checked
-from service.app import create_app, load_engine
+from service.app import load_engine
 from service.config import Settings
 from service.engines.base import Engine
-
-
-def image_bytes(image: Image.Image, fmt: str, **save: Any) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, fmt, **save)
-    return buffer.getvalue()
-
-
-def noise_image(width: int, height: int, seed: int, mode: str = "RGB") -> Image.Image:
-    """A random picture: distinct seeds give distinct predictions from the test model."""
-    rng = np.random.default_rng(seed)
-    rgb = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), "RGB")
-    return rgb if mode == "RGB" else rgb.convert(mode)
-
-
-def png(seed: int = 0, width: int = 40, height: int = 36) -> bytes:
-    return image_bytes(noise_image(width, height, seed), "PNG")
-
-
-def reference_probabilities(
-    weights: Path, images: Iterable[Image.Image], mirror_tta: bool = True
-) -> list[list[float]]:
-    """What the model gives for each image alone: batch size 1, no service involved.
-    With `mirror_tta` (the service's default) the logits are averaged with those of the
-    image mirrored left-right, written out here rather than through the service's helper."""
-    model, _ = load_checked(weights)
-    rows = []
-    with torch.inference_mode():
-        for image in images:
-            pixels = normalize(image_to_tensor(image).unsqueeze(0))
-            logits = model(pixels)
-            if mirror_tta:
-                logits = (logits + model(pixels.flip(-1))) / 2
-            rows.append(torch.softmax(logits.float(), dim=1)[0].tolist())
-    return rows
 
 
 def settings_for(weights: Path, **overrides: Any) -> Settings:
@@ -150,10 +110,6 @@ def wait_ready_sync(client: TestClient, timeout_s: float = 120) -> None:
         assert response.json()["status"] == "starting", response.text
         assert time.monotonic() < deadline, "the app never became ready"
         time.sleep(0.01)
-
-
-def app_for(settings: Settings, factory: Callable[[], Engine] | None = None) -> FastAPI:
-    return create_app(settings, factory)
 
 
 def metric(text: str, name: str, **labels: str) -> float:
