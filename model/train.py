@@ -1287,19 +1287,9 @@ def build_card(
         validation_accuracy_mirror_tta=evaluation["mirror_tta"]["accuracy"] if evaluation else None,
         git_commit=commit,
     )
-    cycles = [*lineage_cycles(parent_card), this_cycle] if parent_card else [this_cycle]
     return ModelCard(
         name=f"resnet{recipe.depth}",
-        architecture=Architecture(
-            family="ResNet for CIFAR (He et al. 2015)"
-            if recipe.version == 1
-            else "pre-activation ResNet (He et al. 2016)",
-            depth=recipe.depth,
-            version=recipe.version,
-            shortcut=recipe.shortcut,
-            num_classes=len(dataset.classes),
-            input=(3, 32, 32),
-        ),
+        architecture=card_architecture(recipe, len(dataset.classes)),
         parameters=count_parameters(model),
         classes=tuple(dataset.classes),
         preprocessing=Preprocessing(
@@ -1308,36 +1298,12 @@ def build_card(
             rule="RGB; resize short side to 32 (bicubic, antialiased); centre crop; normalise",
         ),
         recipe=asdict(recipe),
-        data={
-            "description": run.data_description,
-            "source": dataset.source,
-            "sha256": dataset.checksum,
-            "images": len(dataset),
-            "train_images": len(train_set),
-            "validation_images": len(val_set) if val_set else 0,
-            "validation_split": f"stratified, seed {recipe.seed}"
-            if val_set
-            else "none (trained on all images)",
-        },
+        data=card_data(run, dataset, train_set, val_set, recipe.seed),
         epochs=recipe.epochs,
         best_epoch=best.get("epoch"),
         best_weights=best.get("weights"),  # "model" or "ema"
-        validation=None
-        if evaluation is None
-        else Validation(
-            accuracy=evaluation["accuracy"],
-            per_class=evaluation["per_class"],
-            precision="fp32",
-            mirror_tta=Accuracy(
-                accuracy=evaluation["mirror_tta"]["accuracy"],
-                per_class=evaluation["mirror_tta"]["per_class"],
-            ),
-        ),
-        lineage=Lineage(
-            parent_sha256=parent_card.sha256 if parent_card else None,
-            cumulative_epochs=sum(cycle.epochs or 0 for cycle in cycles),
-            cycles=tuple(cycles),
-        ),
+        validation=card_validation(evaluation) if evaluation else None,
+        lineage=card_lineage(parent_card, this_cycle),
         training_time_seconds=round(elapsed, 1),
         device=device_name,
         torch_threads=torch.get_num_threads(),
@@ -1346,6 +1312,61 @@ def build_card(
         seed=recipe.seed,
         git_commit=commit,
         weights_file=run.output.name,
+    )
+
+
+def card_architecture(recipe: Recipe, num_classes: int) -> Architecture:
+    """The card's description of the network the recipe builds."""
+    family = (
+        "ResNet for CIFAR (He et al. 2015)"
+        if recipe.version == 1
+        else "pre-activation ResNet (He et al. 2016)"
+    )
+    return Architecture(
+        family=family,
+        depth=recipe.depth,
+        version=recipe.version,
+        shortcut=recipe.shortcut,
+        num_classes=num_classes,
+        input=(3, 32, 32),
+    )
+
+
+def card_data(
+    run: RunOptions, dataset: Dataset, train_set: Dataset, val_set: Dataset | None, seed: int
+) -> dict[str, Any]:
+    """The card's record of the training data: where it came from and how it was split."""
+    return {
+        "description": run.data_description,
+        "source": dataset.source,
+        "sha256": dataset.checksum,
+        "images": len(dataset),
+        "train_images": len(train_set),
+        "validation_images": len(val_set) if val_set else 0,
+        "validation_split": f"stratified, seed {seed}"
+        if val_set
+        else "none (trained on all images)",
+    }
+
+
+def card_validation(evaluation: dict[str, Any]) -> Validation:
+    """`evaluate_model`'s fp32 figures (with its mirror-TTA figures) as the card states them."""
+    mirrored = evaluation["mirror_tta"]
+    return Validation(
+        accuracy=evaluation["accuracy"],
+        per_class=evaluation["per_class"],
+        precision="fp32",
+        mirror_tta=Accuracy(accuracy=mirrored["accuracy"], per_class=mirrored["per_class"]),
+    )
+
+
+def card_lineage(parent_card: ModelCard | None, this_cycle: Cycle) -> Lineage:
+    """The parent's cycles (from `--init-from`) followed by this run's."""
+    cycles = [*lineage_cycles(parent_card), this_cycle] if parent_card else [this_cycle]
+    return Lineage(
+        parent_sha256=parent_card.sha256 if parent_card else None,
+        cumulative_epochs=sum(cycle.epochs or 0 for cycle in cycles),
+        cycles=tuple(cycles),
     )
 
 
