@@ -9,7 +9,8 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -52,14 +53,24 @@ def serving(app: FastAPI, start_timeout_s: float = 120.0, *, ready: bool = True)
         thread.join(timeout=60)
 
 
-def wait_process_ready(url: str, process: subprocess.Popen[str], timeout: float = 120) -> None:
+def wait_process_ready(
+    url: str,
+    process: subprocess.Popen[Any],
+    timeout: float = 120,
+    output: Callable[[], str] | None = None,
+) -> None:
     """Wait until GET `url`/health answers 200. A process that exits first fails the test with
-    its stderr; one still not ready after `timeout` seconds is killed (so that its stderr can
+    its output; one still not ready after `timeout` seconds is killed (so that its output can
     be read) and fails it. The timeout bounds a hang only (a busy machine imports torch
-    slowly). `process` must have been started with stderr=PIPE and text=True."""
+    slowly). The output is `output()` when given (e.g. a log file's text), else the process's
+    stderr, which must then have been started with stderr=PIPE and text=True."""
+
+    def said() -> str:
+        return output() if output is not None else process.communicate()[1]
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        assert process.poll() is None, process.communicate()[1]
+        assert process.poll() is None, f"the service exited: {said()}"
         try:
             if httpx.get(f"{url}/health", timeout=2).status_code == 200:
                 return
@@ -67,4 +78,4 @@ def wait_process_ready(url: str, process: subprocess.Popen[str], timeout: float 
             pass
         time.sleep(0.2)
     process.kill()
-    pytest.fail(f"the service never became ready: {process.communicate()[1]}")
+    pytest.fail(f"the service never became ready: {said()}")

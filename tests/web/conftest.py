@@ -13,17 +13,15 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from playwright.sync_api import expect
 
-from tests.support.server import free_port
+from tests.support.server import free_port, wait_process_ready
 from tests.support.tools import PROJECT_ROOT
 
 # The shipped model: the page must show what a person would see ("cat" for the cat).
@@ -107,16 +105,7 @@ def service_url(tmp_path_factory: pytest.TempPathFactory, front_end_origin: str)
             command, cwd=PROJECT_ROOT, stdout=output, stderr=subprocess.STDOUT
         )
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None, f"the service exited: {log.read_text()}"
-            assert time.monotonic() < deadline, f"never ready: {log.read_text()}"
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
+        wait_process_ready(url, process, output=log.read_text)
         yield url
     finally:
         process.terminate()
