@@ -3,7 +3,7 @@
     python -m benchmarks.engines      # weights/resnet56.safetensors and the validation split
     python -m benchmarks.engines --seconds 1 --batch-sizes 1 64 --engines torch openvino
 
-Every engine is built as the service builds it (`service.engines`), one after the other in
+Every engine is built as the service builds it (`model.engines`), one after the other in
 this process, and fed uint8 batches through `Engine.run` (normalisation included, no HTTP):
 for each batch size (1, 8, 32, 64) it is warmed up, then run back to back for `--seconds`,
 split into three rounds whose median images/s is reported with the ratio to torch fp32
@@ -49,10 +49,10 @@ import torch
 
 from benchmarks.load import random_weights
 from model.calibration import CalibrationError
+from model.engines import EngineUnavailableError, engine_class
+from model.engines.base import Engine, EngineOptions
 from model.export import MIN_AGREEMENT
 from model.weights import WeightsError, load_checked
-from service.engines import EngineUnavailableError, engine_class
-from service.engines.base import Engine, EngineOptions
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 

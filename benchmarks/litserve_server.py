@@ -8,7 +8,7 @@ with dynamic batching in a separate inference worker process. This server gives 
 same work as `python -m service`, so that the load benchmark compares the serving code and
 not the model:
 - the same weights, checked by `model.weights.load_checked`, and the same engine built by
-  `service.engines.create_engine` with the same options (`--engine auto` is OpenVINO on a
+  `model.engines.create_engine` with the same options (`--engine auto` is OpenVINO on a
   CPU host; the same cached IR, at the same precision, int8 included);
 - the same request: `POST /predict` with one multipart image in the field `file`, decoded
   by PIL and `model.preprocessing.image_to_tensor` (the service's resize rule);
@@ -54,8 +54,8 @@ class ClassifierAPI(ls.LitAPI):
         self.options = options
 
     def setup(self, device: str) -> None:
+        from model.engines import EngineOptions, create_engine
         from model.weights import load_checked
-        from service.engines import EngineOptions, create_engine
 
         options = self.options
         model, card = load_checked(options.weights_path)

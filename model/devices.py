@@ -14,7 +14,7 @@ service's torch and ONNX Runtime engines):
 Precisions are named as on the command line: "fp32", "bf16", "fp16" (torch.float32,
 torch.bfloat16, torch.float16); fp32 means no autocast. "auto" is resolved by each caller,
 because training and inference choose differently (see `model.train` and
-`service.engines.torch_engine`); "int8" is not a torch dtype (OpenVINO quantization).
+`model.engines.torch_engine`); "int8" is not a torch dtype (OpenVINO quantization).
 """
 
 from __future__ import annotations

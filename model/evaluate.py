@@ -86,7 +86,7 @@ def evaluate_engine(
     tta: bool = False,
 ) -> dict[str, Any]:
     """`evaluate_model`'s figures for an inference engine: `run` is an `Engine.run`
-    (service.engines), uint8 images (N, 3, 32, 32) on the CPU -> float32 logits
+    (model.engines), uint8 images (N, 3, 32, 32) on the CPU -> float32 logits
     (N, num_classes), normalising inside. With `tta`, as the service's mirror TTA does, the
     logits of each image and its mirror image are averaged."""
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
@@ -306,8 +306,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def _engine(args: argparse.Namespace, model: nn.Module, card: ModelCard) -> Any:
     """The service engine args ask for (an Engine), or exit 2 with the reason in one line."""
     from model.calibration import DEFAULT_PATH
-    from service.config import engine_device_problem, engine_precision_problem
-    from service.engines import EngineOptions, EngineUnavailableError, check_engine
+    from model.engines import (
+        EngineOptions,
+        EngineUnavailableError,
+        check_engine,
+        engine_device_problem,
+        engine_precision_problem,
+    )
 
     device = args.device or "cpu"
     # The service's own refusals (service/config.py), so both refuse the same combinations.

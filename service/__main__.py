@@ -20,10 +20,10 @@ import uvicorn
 from fastapi import FastAPI
 from pydantic import ValidationError
 
+from model.engines import EngineUnavailableError, check_engine, create_engine
 from model.weights import WeightsError, load_checked
 from service.app import create_app, engine_options
 from service.config import Settings
-from service.engines import EngineUnavailableError, check_engine, create_engine
 
 logger = logging.getLogger("service")
 

@@ -20,9 +20,9 @@ from functools import partial
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
+from model.engines import Engine, EngineOptions, create_engine
 from model.weights import load_checked
 from service.config import Settings
-from service.engines import Engine, EngineOptions, create_engine
 from service.errors import install_error_handlers
 from service.metrics import Metrics
 from service.middleware import HeadAsGetMiddleware, RequestContextMiddleware

@@ -15,56 +15,11 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from model.engines import engine_device_problem, engine_precision_problem
+
 # The folder above service/, so the default weights path works from a checkout and from the
 # container alike, whatever the working directory.
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-
-# What each engine can serve, beyond "auto" (whether this CPU or GPU is present and has
-# native bf16 or fp16 is checked before the server starts, by service.engines.check_engine).
-# int8 is NNCF-quantized OpenVINO IR, which runs on the CPU only. "cuda" stands for cuda:N.
-ENGINE_PRECISIONS: dict[str, tuple[str, ...]] = {
-    "torch": ("fp32", "bf16", "fp16"),
-    "onnxruntime": ("fp32",),
-    "openvino": ("fp32", "bf16", "fp16", "int8"),
-}
-ENGINE_DEVICES: dict[str, tuple[str, ...]] = {
-    "torch": ("cpu", "cuda"),
-    "onnxruntime": ("cpu", "cuda"),  # cuda with the onnxruntime-gpu package
-    "openvino": ("cpu",),
-}
-
-
-def engine_device_problem(engine: str, device: str) -> str | None:
-    """Why `engine` cannot run on `device` (a sentence naming the fix), or None when it can.
-    "auto" on either side is always servable: auto picks what fits."""
-    supported = ENGINE_DEVICES.get(engine)
-    device_type = device.partition(":")[0]
-    if device == "auto" or supported is None or device_type in supported:
-        return None
-    others = [name for name, ok in ENGINE_DEVICES.items() if device_type in ok]
-    return (
-        f"the {engine} engine runs on {' or '.join(supported)} only, not on {device}: set "
-        f"--device {' or '.join(supported)} or auto, or --engine {' or '.join(others)} or auto"
-    )
-
-
-def engine_precision_problem(engine: str, device: str, precision: str) -> str | None:
-    """Why `engine` on `device` cannot run `precision` (a sentence naming the fix), or None.
-    int8 needs the CPU whatever the engine; otherwise ENGINE_PRECISIONS decides."""
-    if precision == "int8" and device not in ("auto", "cpu"):
-        return (
-            f"int8 runs on the CPU (the openvino engine), not on {device}: set --device cpu "
-            "or auto, or another precision"
-        )
-    supported = ENGINE_PRECISIONS.get(engine)
-    if precision == "auto" or supported is None or precision in supported:
-        return None
-    engines = [name for name, ok in ENGINE_PRECISIONS.items() if precision in ok]
-    return (
-        f"the {engine} engine cannot run {precision} (it runs auto, {', '.join(supported)}): "
-        f"set --engine {' or '.join(engines)} or auto, or another precision"
-    )
-
 
 EngineName = Literal["auto", "torch", "onnxruntime", "openvino"]
 Precision = Literal["auto", "fp32", "bf16", "fp16", "int8"]

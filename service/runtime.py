@@ -29,6 +29,7 @@ from typing import Any, Literal, TypeVar
 import torch
 from starlette.requests import Request
 
+from model.engines.base import Engine
 from model.inference import class_probabilities
 from model.preprocessing import CIFAR10_CLASSES
 from service.batcher import (
@@ -41,7 +42,6 @@ from service.batcher import (
 )
 from service.config import Settings
 from service.decoding import DecodePool
-from service.engines.base import Engine
 from service.errors import ApiError
 from service.images import DecodedImage, Upload, read_uploads
 from service.metrics import Metrics

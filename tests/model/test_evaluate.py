@@ -261,7 +261,7 @@ def test_engine_int8_counts_the_quantized_models_predictions(
     pytest.importorskip("openvino")
     pytest.importorskip("nncf")
     from model.calibration import save_calibration
-    from service.engines import EngineOptions, engine_class
+    from model.engines import EngineOptions, engine_class
 
     dataset = load_dataset(mixed_tree, cache_dir=tmp_path / "cache")
     calibration = save_calibration(

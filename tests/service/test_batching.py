@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from starlette.types import Message
 
+from model.engines.base import Engine
 from service.app import create_app, load_engine
-from service.engines.base import Engine
 from tests.support.images import image_bytes, noise_image, png
 from tests.support.reference import reference_probabilities
 from tests.support.service import gated_factory, metric, running, settings_for

@@ -4,7 +4,7 @@ the server starts, with exit status 2 and one line naming the fix (README: "Exit
 The static refusals (known from the settings alone) come from `Settings`; those that depend
 on this machine (no GPU, onnxruntime without its GPU build, a CPU without native bf16) from
 `check_engine`, which `python -m service` runs before uvicorn. The expected sets below are
-written out by hand from what each engine runs (service/engines/*.py), not derived from the
+written out by hand from what each engine runs (model/engines/*.py), not derived from the
 tables in service/config.py, so a wrong table fails here.
 """
 

@@ -23,11 +23,11 @@ import torch.nn.functional as F
 from fastapi.testclient import TestClient
 
 from model.calibration import save_calibration
+from model.engines import Engine, EngineOptions, engine_class
 from model.export import MIN_AGREEMENT, TOLERANCE
 from model.preprocessing import CIFAR10_CLASSES, normalize
 from model.weights import load_checked, read_card, save_checked, sha256_of
 from service.app import create_app
-from service.engines import Engine, EngineOptions, engine_class
 from tests.support.images import png
 from tests.support.service import metric, settings_for, wait_ready_sync
 from tests.support.weights import write_test_weights

@@ -18,9 +18,9 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from model.engines.base import Engine
 from service.app import create_app, load_engine
 from service.config import Settings
-from service.engines.base import Engine
 from tests.service.conftest import Spawn
 from tests.support.images import png
 from tests.support.server import free_port, wait_process_ready

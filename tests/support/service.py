@@ -16,9 +16,9 @@ import torch
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
+from model.engines.base import Engine
 from service.app import load_engine
 from service.config import Settings
-from service.engines.base import Engine
 
 
 def settings_for(weights: Path, **overrides: Any) -> Settings:

@@ -26,9 +26,9 @@ import torch
 import torch.fx.experimental.optimization as fx_optimization
 
 from model.devices import PRECISION_DTYPES, autocast_dtype, resolve_device
+from model.engines.base import Engine, EngineOptions
 from model.preprocessing import normalize
 from model.weights import ModelCard
-from service.engines.base import Engine, EngineOptions
 
 logger = logging.getLogger("service")
 

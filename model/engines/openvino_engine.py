@@ -29,9 +29,9 @@ from typing import Any
 
 import torch
 
+from model.engines.base import Engine, EngineOptions
 from model.export import cached_openvino, cached_openvino_int8
 from model.weights import ModelCard
-from service.engines.base import Engine, EngineOptions
 
 # Options.precision -> the name OpenVINO's CPU plugin reports among its capabilities.
 CAPABILITY = {"fp32": "FP32", "bf16": "BF16", "fp16": "FP16"}

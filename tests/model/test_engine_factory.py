@@ -1,4 +1,4 @@
-"""service.engines (the factory): which engine a name means, what "auto" picks, and the
+"""model.engines (the factory): which engine a name means, what "auto" picks, and the
 one-line refusal, with its fix, when an engine cannot run here."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from service.engines import (
+from model.engines import (
     Engine,
     EngineOptions,
     EngineUnavailableError,

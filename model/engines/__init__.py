@@ -1,6 +1,9 @@
 """Inference engines: the model behind a small interface (load, warm up, run a batch).
 
-`create_engine` is the one way the service builds an engine. Engines other than torch are
+They run the network `model.weights` loads, through torch or an exported graph
+(`model.export`), so they live with the model; the service (`service.runtime`) and
+`model.evaluate --engine` both use them, and they import nothing from `service/`.
+`create_engine` is the one way to build an engine. Engines other than torch are
 imported only when asked for, so their libraries stay optional.
 """
 
@@ -12,16 +15,63 @@ import importlib.util
 import torch
 
 from model.devices import DeviceUnavailableError, resolve_device
+from model.engines.base import Engine, EngineOptions
 from model.weights import ModelCard
-from service.engines.base import Engine, EngineOptions
+
+# What each engine can serve, beyond "auto" (whether this CPU or GPU is present and has
+# native bf16 or fp16 is checked before the server starts, by `check_engine` below).
+# int8 is NNCF-quantized OpenVINO IR, which runs on the CPU only. "cuda" stands for cuda:N.
+ENGINE_PRECISIONS: dict[str, tuple[str, ...]] = {
+    "torch": ("fp32", "bf16", "fp16"),
+    "onnxruntime": ("fp32",),
+    "openvino": ("fp32", "bf16", "fp16", "int8"),
+}
+ENGINE_DEVICES: dict[str, tuple[str, ...]] = {
+    "torch": ("cpu", "cuda"),
+    "onnxruntime": ("cpu", "cuda"),  # cuda with the onnxruntime-gpu package
+    "openvino": ("cpu",),
+}
+
+
+def engine_device_problem(engine: str, device: str) -> str | None:
+    """Why `engine` cannot run on `device` (a sentence naming the fix), or None when it can.
+    "auto" on either side is always servable: auto picks what fits."""
+    supported = ENGINE_DEVICES.get(engine)
+    device_type = device.partition(":")[0]
+    if device == "auto" or supported is None or device_type in supported:
+        return None
+    others = [name for name, ok in ENGINE_DEVICES.items() if device_type in ok]
+    return (
+        f"the {engine} engine runs on {' or '.join(supported)} only, not on {device}: set "
+        f"--device {' or '.join(supported)} or auto, or --engine {' or '.join(others)} or auto"
+    )
+
+
+def engine_precision_problem(engine: str, device: str, precision: str) -> str | None:
+    """Why `engine` on `device` cannot run `precision` (a sentence naming the fix), or None.
+    int8 needs the CPU whatever the engine; otherwise ENGINE_PRECISIONS decides."""
+    if precision == "int8" and device not in ("auto", "cpu"):
+        return (
+            f"int8 runs on the CPU (the openvino engine), not on {device}: set --device cpu "
+            "or auto, or another precision"
+        )
+    supported = ENGINE_PRECISIONS.get(engine)
+    if precision == "auto" or supported is None or precision in supported:
+        return None
+    engines = [name for name, ok in ENGINE_PRECISIONS.items() if precision in ok]
+    return (
+        f"the {engine} engine cannot run {precision} (it runs auto, {', '.join(supported)}): "
+        f"set --engine {' or '.join(engines)} or auto, or another precision"
+    )
+
 
 ENGINE_NAMES: tuple[str, ...] = ("auto", "torch", "onnxruntime", "openvino")
 
 # name -> (module, class), imported lazily.
 _ENGINES: dict[str, tuple[str, str]] = {
-    "torch": ("service.engines.torch_engine", "TorchEngine"),
-    "onnxruntime": ("service.engines.onnxruntime_engine", "OnnxRuntimeEngine"),
-    "openvino": ("service.engines.openvino_engine", "OpenVinoEngine"),
+    "torch": ("model.engines.torch_engine", "TorchEngine"),
+    "onnxruntime": ("model.engines.onnxruntime_engine", "OnnxRuntimeEngine"),
+    "openvino": ("model.engines.openvino_engine", "OpenVinoEngine"),
 }
 
 
@@ -117,12 +167,16 @@ def create_engine(
 
 
 __all__ = [
+    "ENGINE_DEVICES",
     "ENGINE_NAMES",
+    "ENGINE_PRECISIONS",
     "Engine",
     "EngineOptions",
     "EngineUnavailableError",
     "check_engine",
     "create_engine",
     "engine_class",
+    "engine_device_problem",
+    "engine_precision_problem",
     "resolve_engine_name",
 ]

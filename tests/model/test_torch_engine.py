@@ -1,4 +1,4 @@
-"""service.engines.torch_engine: the torch engine on the CPU (the model's own logits, padded
+"""model.engines.torch_engine: the torch engine on the CPU (the model's own logits, padded
 buckets that never leak) and what it refuses (int8, an accelerator that is not there)."""
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from model.engines import EngineOptions, create_engine
+from model.engines.torch_engine import TorchEngine
 from model.preprocessing import normalize
 from model.weights import load_checked
-from service.engines import EngineOptions, create_engine
-from service.engines.torch_engine import TorchEngine
 
 
 def _images(n: int, seed: int = 0) -> torch.Tensor:

@@ -16,9 +16,9 @@ from typing import Any
 import torch
 
 from model.devices import resolve_device
+from model.engines.base import Engine, EngineOptions
 from model.export import INPUT_NAME, OUTPUT_NAME, cached_onnx
 from model.weights import ModelCard
-from service.engines.base import Engine, EngineOptions
 
 CUDA_PROVIDER = "CUDAExecutionProvider"
 
