@@ -1,7 +1,7 @@
 """Evaluate weights: `python -m model.evaluate --weights PATH --data PATH`.
 
-Prints top-1 accuracy, per-class accuracy and the confusion matrix, and writes the
-matrix as a PNG. With no split flags every image in the source is evaluated;
+Prints top-1 accuracy, per-class accuracy and the confusion matrix, and with `--plot PATH`
+writes the matrix as a PNG. With no split flags every image in the source is evaluated;
 `--val-size N --seed S` evaluates exactly the validation split that `model.train` held
 out with the same flags. `--tta` averages the logits of each image and its mirror image.
 `--json` prints one JSON object instead of the text report.
@@ -12,7 +12,7 @@ says otherwise: the same exported (or quantized) model, from the same cache
 (`--engine-cache-dir`), that `python -m service` would serve with those flags. That is how
 the model card's INT8 accuracy (weights/MODEL_CARD.md) is measured:
 
-    python -m model.evaluate --data ../shared/data/cifar10-train-jpeg.tar.gz \
+    python -m model.evaluate --data ../shared/data/cifar10-train-jpeg.tar.gz \\
         --val-size 5000 --seed 0 --engine openvino --precision int8 [--tta]
 """
 
