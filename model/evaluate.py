@@ -1,7 +1,7 @@
 """Evaluate weights: `python -m model.evaluate --weights PATH --data PATH`.
 
-Prints top-1 accuracy, per-class accuracy and the confusion matrix, and writes the
-matrix as a PNG. With no split flags every image in the source is evaluated;
+Prints top-1 accuracy, per-class accuracy and the confusion matrix, and with `--plot PATH`
+writes the matrix as a PNG. With no split flags every image in the source is evaluated;
 `--val-size N --seed S` evaluates exactly the validation split that `model.train` held
 out with the same flags. `--tta` averages the logits of each image and its mirror image.
 `--json` prints one JSON object instead of the text report.
@@ -12,7 +12,7 @@ says otherwise: the same exported (or quantized) model, from the same cache
 (`--engine-cache-dir`), that `python -m service` would serve with those flags. That is how
 the model card's INT8 accuracy (weights/MODEL_CARD.md) is measured:
 
-    python -m model.evaluate --data ../shared/data/cifar10-train-jpeg.tar.gz \
+    python -m model.evaluate --data ../shared/data/cifar10-train-jpeg.tar.gz \\
         --val-size 5000 --seed 0 --engine openvino --precision int8 [--tta]
 """
 
@@ -31,11 +31,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from model import inference
+from model.data import Dataset, load_dataset, stratified_split
 from model.devices import DeviceUnavailableError, resolve_device
 from model.preprocessing import normalize
+from model.weights import ModelCard, WeightsError, load_checked
 
 if TYPE_CHECKING:
-    from model.weights import ModelCard
+    from model.engines.base import Engine
 
 
 @torch.inference_mode()
@@ -167,144 +169,156 @@ def format_report(result: dict[str, Any], classes: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from model.data import load_dataset, stratified_split
-    from model.weights import WeightsError, load_checked
+    """Evaluate as the flags say: print the report (text, or one JSON object with --json) and
+    return it. Exits with status 2 and the reason in one line on stderr for flags, weights,
+    a device, an engine or data it cannot use."""
+    args = parse_args(argv)
 
+    # Weights (checked against their card), the device, and the service engine if asked for.
+    model, card = load_weights(args.weights)
+    device = choose_device(args.device)
+    engine = build_engine(args, model, card) if args.engine else None
+
+    # Data: every image in --data, or the validation split model.train held out.
+    dataset = load_data(args, list(card.classes))
+
+    # Evaluate: through the engine, or the plain torch model; --tta in either.
+    result = run_evaluation(args, dataset, model, device, engine)
+
+    # Report: printed (text or JSON), and the confusion matrix as a PNG with --plot.
+    if args.plot:  # only on request: evaluating must never overwrite shipped files
+        plot_confusion(
+            result["confusion_matrix"],
+            result["classes"],
+            args.plot,
+            f"{args.weights.name}: accuracy {result['accuracy']:.4f} ({result['images']} images)",
+        )
+    print_report(result, args, engine)
+    return result
+
+
+# --- The command line ---------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; exits with status 2 on bad flags (argparse's usage error).
+
+    The flags come in groups (shown so by --help): what to evaluate, how, through which
+    engine, and the report."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--weights", type=Path, default=Path("weights/resnet56.safetensors"))
-    parser.add_argument("--data", required=True)
-    parser.add_argument(
+    add_input_flags(parser)
+    add_evaluation_flags(parser)
+    add_engine_flags(parser)
+    add_report_flags(parser)
+    args = parser.parse_args(argv)
+    if args.precision != "auto" and args.engine is None:
+        parser.error("--precision needs --engine (the plain torch model runs fp32)")
+    return args
+
+
+def add_input_flags(parser: argparse.ArgumentParser) -> None:
+    """The weights, and the images to evaluate them on (model.data's sources)."""
+    group = parser.add_argument_group("weights and data")
+    group.add_argument("--weights", type=Path, default=Path("weights/resnet56.safetensors"))
+    group.add_argument("--data", required=True)
+    group.add_argument(
         "--cifar-split",
         default="train",
         choices=("train", "test"),
         help="for a cifar-10-batches-py folder: data_batch_* or test_batch",
     )
-    parser.add_argument("--download", action="store_true")
-    parser.add_argument(
+    group.add_argument("--download", action="store_true")
+    group.add_argument(
         "--cache-dir",
         type=Path,
         default=None,
         help="decoded-image cache, as in model.train (default ~/.cache/resnet-cifar10)",
     )
-    parser.add_argument(
+    group.add_argument(
         "--val-size",
         type=int,
         default=0,
         help="evaluate only the validation split of this size",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of that split (as in training)")
-    parser.add_argument(
+    group.add_argument("--seed", type=int, default=0, help="seed of that split (as in training)")
+
+
+def add_evaluation_flags(parser: argparse.ArgumentParser) -> None:
+    """How the plain torch model (or the engine) runs."""
+    group = parser.add_argument_group("evaluation")
+    group.add_argument(
         "--tta", action="store_true", help="average with horizontally flipped images"
     )
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--batch-size", type=int, default=500)
-    parser.add_argument(
+    group.add_argument("--device", default=None)
+    group.add_argument("--batch-size", type=int, default=500)
+
+
+def add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    """A service engine (model/engines) to evaluate through, as `python -m service` would
+    serve it."""
+    group = parser.add_argument_group("engine")
+    group.add_argument(
         "--engine",
         choices=("torch", "onnxruntime", "openvino"),
         default=None,
         help="evaluate through this service engine (default: the plain torch model)",
     )
-    parser.add_argument(
+    group.add_argument(
         "--precision",
         choices=("auto", "fp32", "bf16", "fp16", "int8"),
         default="auto",
         help="the engine's precision, as `python -m service --precision` (needs --engine)",
     )
-    parser.add_argument(
+    group.add_argument(
         "--engine-cache-dir",
         type=Path,
         default=Path("~/.cache/resnet-cifar10/engines"),
         help="where engines keep exported models (the service's --cache-dir)",
     )
-    parser.add_argument(
+    group.add_argument(
         "--calibration-path",
         type=Path,
         default=None,
         help="calibration images for --precision int8 (default: the shipped ones)",
     )
-    parser.add_argument(
+
+
+def add_report_flags(parser: argparse.ArgumentParser) -> None:
+    """What the report looks like and where it goes."""
+    group = parser.add_argument_group("report")
+    group.add_argument(
         "--plot",
         type=Path,
         default=None,
         help="write the confusion matrix as a PNG here (default: no file is written)",
     )
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-    args = parser.parse_args(argv)
+    group.add_argument("--json", action="store_true", help="print one JSON object")
 
-    if args.precision != "auto" and args.engine is None:
-        parser.error("--precision needs --engine (the plain torch model runs fp32)")
+
+# --- The steps of main --------------------------------------------------------------------
+
+
+def load_weights(path: Path) -> tuple[nn.Module, ModelCard]:
+    """The model and its card (model.weights.load_checked), or exit 2 with the reason."""
     try:
-        model, card = load_checked(args.weights)
+        return load_checked(path)
     except WeightsError as error:
-        parser.exit(2, f"error: {error}\n")
-    try:  # model.devices' policy: the accelerator when present, else the CPU
-        device = resolve_device(args.device)
+        _refuse(str(error))
+
+
+def choose_device(requested: str | None) -> torch.device:
+    """model.devices' policy: the accelerator when present, else the CPU; or exit 2 when the
+    device asked for is not on this machine."""
+    try:
+        return resolve_device(requested)
     except DeviceUnavailableError as error:
-        parser.exit(2, f"error: {error}\n")
-    engine = _engine(args, model, card) if args.engine else None
-    dataset = load_dataset(
-        args.data,
-        cifar_split=args.cifar_split,
-        download=args.download,
-        cache_dir=args.cache_dir,
-    )
-    if args.val_size:
-        _, val_idx = stratified_split(dataset.labels, args.val_size, args.seed)
-        dataset = dataset.subset(val_idx)
-    classes = list(card.classes)
-    if list(dataset.classes) != classes:
-        parser.exit(
-            2,
-            f"error: the data's classes {list(dataset.classes)} "
-            f"differ from the model's {classes}\n",
-        )
-    if engine is not None:
-        result = evaluate_engine(
-            engine.run,
-            dataset.images,
-            dataset.labels,
-            len(classes),
-            batch_size=args.batch_size,
-            tta=args.tta,
-        )
-        result["engine"] = engine.describe()
-    else:
-        result = evaluate_model(
-            model.to(device),
-            dataset.images,
-            dataset.labels,
-            device,
-            batch_size=args.batch_size,
-            tta=args.tta,
-        )
-    result["classes"] = classes
-    result["per_class"] = dict(zip(classes, result["per_class"], strict=True))
-    result["weights"] = str(args.weights)
-    result["tta"] = args.tta
-    if args.plot:  # only on request: evaluating must never overwrite shipped files
-        plot_confusion(
-            result["confusion_matrix"],
-            classes,
-            args.plot,
-            f"{args.weights.name}: accuracy {result['accuracy']:.4f} ({result['images']} images)",
-        )
-    if args.json:
-        print(json.dumps(result))
-    else:
-        report = dict(result, per_class=list(result["per_class"].values()))
-        if engine is not None:
-            described = result["engine"]
-            print(f"engine: {described['engine']} {described['precision']} on {engine.device}")
-        print(format_report(report, classes))
-        if args.plot:
-            print(f"\nconfusion matrix plot: {args.plot}")
-    return result
+        _refuse(str(error))
 
 
-def _engine(args: argparse.Namespace, model: nn.Module, card: ModelCard) -> Any:
-    """The service engine args ask for (an Engine), or exit 2 with the reason in one line."""
+def build_engine(args: argparse.Namespace, model: nn.Module, card: ModelCard) -> Engine:
+    """The service engine args ask for, or exit 2 with the reason in one line."""
     from model.calibration import DEFAULT_PATH
     from model.engines import (
         EngineOptions,
@@ -331,6 +345,75 @@ def _engine(args: argparse.Namespace, model: nn.Module, card: ModelCard) -> Any:
         return check_engine(args.engine, options)(model, card, options)
     except (EngineUnavailableError, ValueError, RuntimeError) as error:
         _refuse(str(error))
+
+
+def load_data(args: argparse.Namespace, classes: list[str]) -> Dataset:
+    """The images to evaluate: all of --data, or with --val-size the stratified validation
+    split that model.train held out with the same --val-size and --seed. Exits 2 when the
+    data's classes are not the model's `classes`."""
+    dataset = load_dataset(
+        args.data,
+        cifar_split=args.cifar_split,
+        download=args.download,
+        cache_dir=args.cache_dir,
+    )
+    if args.val_size:
+        _, val_idx = stratified_split(dataset.labels, args.val_size, args.seed)
+        dataset = dataset.subset(val_idx)
+    if list(dataset.classes) != classes:
+        _refuse(f"the data's classes {list(dataset.classes)} differ from the model's {classes}")
+    return dataset
+
+
+def run_evaluation(
+    args: argparse.Namespace,
+    dataset: Dataset,
+    model: nn.Module,
+    device: torch.device,
+    engine: Engine | None,
+) -> dict[str, Any]:
+    """`evaluate_engine` through `engine`, else `evaluate_model` on `device`, labelled for the
+    report: per-class accuracy keyed by class name, the classes, the weights, --tta."""
+    classes = list(dataset.classes)
+    if engine is not None:
+        result = evaluate_engine(
+            engine.run,
+            dataset.images,
+            dataset.labels,
+            len(classes),
+            batch_size=args.batch_size,
+            tta=args.tta,
+        )
+        result["engine"] = engine.describe()
+    else:
+        result = evaluate_model(
+            model.to(device),
+            dataset.images,
+            dataset.labels,
+            device,
+            batch_size=args.batch_size,
+            tta=args.tta,
+        )
+    result["classes"] = classes
+    result["per_class"] = dict(zip(classes, result["per_class"], strict=True))
+    result["weights"] = str(args.weights)
+    result["tta"] = args.tta
+    return result
+
+
+def print_report(result: dict[str, Any], args: argparse.Namespace, engine: Engine | None) -> None:
+    """The result as one JSON object (--json), else as `format_report`'s text, headed by the
+    engine when there is one."""
+    if args.json:
+        print(json.dumps(result))
+        return
+    if engine is not None:
+        described = result["engine"]
+        print(f"engine: {described['engine']} {described['precision']} on {engine.device}")
+    report = dict(result, per_class=list(result["per_class"].values()))
+    print(format_report(report, result["classes"]))
+    if args.plot:
+        print(f"\nconfusion matrix plot: {args.plot}")
 
 
 def _refuse(reason: str) -> NoReturn:

@@ -1,28 +1,31 @@
-"""Engine x device x precision: every combination an engine cannot serve is refused before
-the server starts, with exit status 2 and one line naming the fix (README: "Exit status").
+"""service/config.py: `Settings` (its sources and the validators that refuse bad values),
+and the engine tables behind them, which refuse every engine x device x precision
+combination an engine cannot serve before the server starts, with exit status 2 and one line
+naming the fix (README: "Exit status").
 
 The static refusals (known from the settings alone) come from `Settings`; those that depend
 on this machine (no GPU, onnxruntime without its GPU build, a CPU without native bf16) from
 `check_engine`, which `python -m service` runs before uvicorn. The expected sets below are
 written out by hand from what each engine runs (model/engines/*.py), not derived from the
-tables in service/config.py, so a wrong table fails here.
+tables in model/engines/__init__.py, so a wrong table fails here. That a real `python -m service`
+process exits 2 on a refused setting is tests/service/test_process.py's
+test_bad_weights_exit_nonzero_with_a_one_line_reason; CORS origins are test_cors.py's.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import itertools
-import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from pydantic import ValidationError
 
 import service.__main__ as service_main
-from service.config import Settings
-from tests.service.conftest import Spawn
+from service.config import PROJECT_ROOT, Settings
 
 ENGINES = ("auto", "torch", "onnxruntime", "openvino")
 DEVICES = ("auto", "cpu", "cuda", "cuda:1")
@@ -30,7 +33,8 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 GPUS = ("cuda", "cuda:1")
 
 # (engine, device, precision) -> the words the one error line must contain.
-REFUSED: dict[tuple[str, str, str], str] = {
+# Refused by the precision field's validator (python -m service: "setting precision: ...").
+PRECISION_REFUSED: dict[tuple[str, str, str], str] = {
     # torch: no int8 anywhere (on a GPU, int8's own rule speaks first).
     **{("torch", d, "int8"): "torch engine cannot run int8" for d in ("auto", "cpu")},
     **{("torch", d, "int8"): "int8 runs on the CPU" for d in GPUS},
@@ -46,18 +50,21 @@ REFUSED: dict[tuple[str, str, str], str] = {
         for p in ("bf16", "fp16")
     },
     **{("onnxruntime", d, "int8"): "int8 runs on the CPU" for d in GPUS},
-    # openvino: the CPU only.
-    **{
-        ("openvino", d, p): "openvino engine runs on cpu only"
-        for d in GPUS
-        for p in ("auto", "fp32", "bf16", "fp16")
-    },
+    # openvino: int8 on the CPU only.
     **{("openvino", d, "int8"): "int8 runs on the CPU" for d in GPUS},
     # auto: int8 picks openvino, which runs on the CPU only.
     **{("auto", d, "int8"): "int8 runs on the CPU" for d in GPUS},
 }
-RunMain = Callable[[list[str]], tuple[int, str]]
+# Refused by the model validator: the combination has no one field to name
+# (python -m service: "setting engine and device: ...").
+DEVICE_REFUSED: dict[tuple[str, str, str], str] = {
+    ("openvino", d, p): "openvino engine runs on cpu only"
+    for d in GPUS
+    for p in ("auto", "fp32", "bf16", "fp16")
+}
+REFUSED = {**PRECISION_REFUSED, **DEVICE_REFUSED}
 ALL = list(itertools.product(ENGINES, DEVICES, PRECISIONS))
+RunMain = Callable[[list[str]], tuple[int, str]]
 
 
 def _flags(engine: str, device: str, precision: str) -> list[str]:
@@ -83,7 +90,46 @@ def _one_error_line(stderr: str) -> str:
     return errors[0]
 
 
-@pytest.mark.parametrize(("engine", "device", "precision"), ALL, ids="-".join)
+# --- Settings: defaults, environment, flags -----------------------------------------------
+
+
+def test_settings_from_defaults_environment_and_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Settings().weights_path == PROJECT_ROOT / "weights" / "resnet56.safetensors"
+    monkeypatch.setenv("SERVICE_MAX_BATCH_SIZE", "12")
+    monkeypatch.setenv("SERVICE_DEVICE", "cpu")
+    assert (Settings().max_batch_size, Settings().device) == (12, "cpu")
+    # A flag wins over the environment (SERVICE_MAX_BATCH_SIZE is still 12).
+    flags = Settings(_cli_parse_args=["--max-batch-size", "3", "--max-wait-ms", "7", "--compile"])
+    assert (flags.max_batch_size, flags.max_wait_ms, flags.compile) == (3, 7.0, True)
+
+
+def test_the_default_calibration_images_are_shipped() -> None:
+    """int8's default --calibration-path is a file in the repository (beside the weights)."""
+    assert Settings(engine="openvino", device="cpu", precision="int8").calibration_path.is_file()
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"max_batch_size": 0},
+        {"device": "gpu"},
+        {"engine": "tensorrt"},
+        {"precision": "int4"},
+        {"port": 70000},
+        {"request_timeout_s": 0},
+    ],
+    ids=lambda bad: next(iter(bad)),
+)
+def test_a_bad_value_is_refused_naming_its_setting(bad: dict[str, Any]) -> None:
+    with pytest.raises(ValidationError) as error:
+        Settings(**bad)
+    assert [problem["loc"] for problem in error.value.errors()] == [tuple(bad)]
+
+
+# --- The engine tables: engine x device x precision -----------------------------------------
+
+
+@pytest.mark.parametrize(("engine", "device", "precision"), ALL, ids=map("-".join, ALL))
 def test_settings_accept_exactly_what_the_engines_can_serve(
     engine: str, device: str, precision: str
 ) -> None:
@@ -103,21 +149,22 @@ def test_settings_accept_exactly_what_the_engines_can_serve(
     assert len(error.value.errors()) == 1  # one reason, so one line
 
 
-@pytest.mark.parametrize(("engine", "device", "precision"), sorted(REFUSED), ids="-".join)
-def test_python_m_service_exits_2_with_one_line(
+@pytest.mark.parametrize(
+    ("engine", "device", "precision"), sorted(REFUSED), ids=map("-".join, sorted(REFUSED))
+)
+def test_python_m_service_exits_2_with_one_line_naming_the_setting_and_the_fix(
     run_main: RunMain, engine: str, device: str, precision: str
 ) -> None:
     status, stderr = run_main(_flags(engine, device, precision))
     assert status == 2
     line = _one_error_line(stderr)
+    setting = "engine and device" if (engine, device, precision) in DEVICE_REFUSED else "precision"
+    assert line.startswith(f"error: setting {setting}: ")
     assert REFUSED[(engine, device, precision)] in line
     assert "set --" in line  # it names the fix
 
 
-def test_engine_device_refusal_names_both_settings(run_main: RunMain) -> None:
-    status, stderr = run_main(_flags("openvino", "cuda", "auto"))
-    assert status == 2
-    assert _one_error_line(stderr).startswith("error: setting engine and device: the openvino")
+# --- What this machine cannot serve: check_engine, before the server starts ---------------
 
 
 @pytest.mark.parametrize("engine", ["auto", "torch", "onnxruntime"])
@@ -167,16 +214,3 @@ def test_openvino_precision_this_cpu_lacks_is_refused_before_loading(
     status, stderr = run_main(argv)
     assert status == 2
     assert f"this CPU cannot run {precision} natively" in _one_error_line(stderr)
-
-
-def test_the_real_process_exits_2(spawn: Spawn, weights_file: Path) -> None:
-    """The exit status a supervisor sees, from `python -m service` itself."""
-    process = spawn(
-        [
-            *(sys.executable, "-m", "service", "--weights-path", str(weights_file)),
-            *_flags("openvino", "cuda", "auto"),
-        ]
-    )
-    _, stderr = process.communicate(timeout=120)  # bounds a hang, not a speed goal
-    assert process.returncode == 2
-    assert "openvino engine runs on cpu only" in _one_error_line(stderr)
