@@ -52,6 +52,50 @@ def load_engine(settings: Settings) -> Engine:
     return create_engine(settings.engine, model, card, engine_options(settings))
 
 
+async def start(service: Service, settings: Settings) -> None:
+    """Load and warm up the service's engine; a failure is logged and leaves the service
+    "failed" (/health 503, /health/live 503), never an exception out of the lifespan."""
+    try:
+        await service.start()
+    except Exception:
+        logger.exception("start-up failed: the model could not be loaded or warmed up")
+        return
+    # Move everything start-up created (torch, the engine, ~1e6 objects) out of the
+    # garbage collector's view: full collections then stay short under load
+    # (the technique of Instagram's gc.freeze, Python 3.7+).
+    gc.collect()
+    gc.freeze()
+    logger.info(
+        "ready: %s %s on %s, batches of up to %d within %.1f ms",
+        service.model_name,
+        service.model_version,
+        service.engine.describe(),
+        settings.max_batch_size,
+        settings.max_wait_ms,
+    )
+
+
+def add_middleware(app: FastAPI, settings: Settings, metrics: Metrics) -> None:
+    """HEAD as GET innermost, then CORS (when origins are set), then the request context
+    (request id, access log, metrics) outermost. Starlette runs the last added first."""
+    app.add_middleware(HeadAsGetMiddleware)
+    if settings.cors_origins:
+        # Every path, so routes added later (/v2/...) are covered too. Added before the
+        # request-context middleware, which therefore wraps it: preflights are logged and
+        # counted like any request. No credentials: the API takes no cookies.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["*"],
+            # Not CORS-safelisted, so a front-end could not read them otherwise: the 429
+            # back-off and the id to quote in a bug report.
+            expose_headers=["Retry-After", "X-Request-ID"],
+            max_age=600,
+        )
+    app.add_middleware(RequestContextMiddleware, metrics=metrics)
+
+
 def create_app(
     settings: Settings | None = None,
     engine_factory: Callable[[], Engine] | None = None,
@@ -62,26 +106,6 @@ def create_app(
     metrics = Metrics(settings.max_batch_size)
     factory = engine_factory or partial(load_engine, settings)
 
-    async def start(service: Service) -> None:
-        try:
-            await service.start()
-        except Exception:
-            logger.exception("start-up failed: the model could not be loaded or warmed up")
-            return
-        # Move everything start-up created (torch, the engine, ~1e6 objects) out of the
-        # garbage collector's view: full collections then stay short under load
-        # (the technique of Instagram's gc.freeze, Python 3.7+).
-        gc.collect()
-        gc.freeze()
-        logger.info(
-            "ready: %s %s on %s, batches of up to %d within %.1f ms",
-            service.model_name,
-            service.model_version,
-            service.engine.describe(),
-            settings.max_batch_size,
-            settings.max_wait_ms,
-        )
-
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         service = Service(settings, factory, metrics)
@@ -89,7 +113,7 @@ def create_app(
         # Loading and warm-up run in the background: ASGI servers open the port only once
         # the lifespan has started, and probes must get an answer meanwhile (/health 503
         # "starting", /health/live 200), not a refused connection.
-        starting = asyncio.create_task(start(service), name="start-up")
+        starting = asyncio.create_task(start(service, settings), name="start-up")
         try:
             yield
             # Under `python -m service` the drain already happened on SIGTERM, before
@@ -110,22 +134,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.service = None
-    app.add_middleware(HeadAsGetMiddleware)  # added first: innermost, inside CORS and context
-    if settings.cors_origins:
-        # Every path, so routes added later (/v2/...) are covered too. Added before the
-        # request-context middleware, which therefore wraps it: preflights are logged and
-        # counted like any request. No credentials: the API takes no cookies.
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=list(settings.cors_origins),
-            allow_methods=["GET", "POST"],
-            allow_headers=["*"],
-            # Not CORS-safelisted, so a front-end could not read them otherwise: the 429
-            # back-off and the id to quote in a bug report.
-            expose_headers=["Retry-After", "X-Request-ID"],
-            max_age=600,
-        )
-    app.add_middleware(RequestContextMiddleware, metrics=metrics)
+    add_middleware(app, settings, metrics)
     install_error_handlers(app)
     app.include_router(predict_router(settings.max_files))
     app.include_router(health_router)
