@@ -75,6 +75,15 @@ _ENGINES: dict[str, tuple[str, str]] = {
 }
 
 
+# On the CPU, fastest first, as benchmarks/engines.py ranks them on ResNet56 (model only; the
+# figures are in benchmarks/README.md): each engine and the packages it needs (its runtime
+# plus onnx and onnxscript, to export the model).
+_CPU_ENGINES: dict[str, tuple[str, ...]] = {
+    "openvino": ("openvino", "onnx", "onnxscript"),
+    "onnxruntime": ("onnxruntime", "onnx", "onnxscript"),
+}
+
+
 class EngineUnavailableError(RuntimeError):
     """The engine asked for cannot be used here (library missing, unknown name)."""
 
@@ -89,7 +98,7 @@ def engine_class(name: str) -> type[Engine]:
         raise EngineUnavailableError(
             f"unknown engine {name!r}: choose one of {', '.join(ENGINE_NAMES)}"
         )
-    for package in dict(_CPU_ENGINES).get(name, ()):
+    for package in _CPU_ENGINES.get(name, ()):
         if importlib.util.find_spec(package) is None:
             raise EngineUnavailableError(
                 f"engine {name!r} needs the {package} package, not installed here: "
@@ -103,15 +112,6 @@ def engine_class(name: str) -> type[Engine]:
     return getattr(module, class_name)
 
 
-# On the CPU, fastest first, as benchmarks/engines.py ranks them on ResNet56 (model only; the
-# figures are in benchmarks/README.md). Each needs its runtime plus onnx and
-# onnxscript, to export the model.
-_CPU_ENGINES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("openvino", ("openvino", "onnx", "onnxscript")),
-    ("onnxruntime", ("onnxruntime", "onnx", "onnxscript")),
-)
-
-
 def resolve_engine_name(name: str, options: EngineOptions) -> str:
     """Map "auto" to a concrete engine: openvino for int8 (the one engine that runs it);
     torch on an accelerator; on the CPU the fastest engine that is installed and can run
@@ -122,9 +122,9 @@ def resolve_engine_name(name: str, options: EngineOptions) -> str:
         return "openvino"
     if resolve_device(options.device).type != "cpu":
         return "torch"
-    for engine, packages in _CPU_ENGINES:
-        if engine == "onnxruntime" and options.precision not in ("auto", "fp32"):
-            continue  # ONNX Runtime's CPU provider runs fp32 only
+    for engine, packages in _CPU_ENGINES.items():
+        if engine_precision_problem(engine, "cpu", options.precision) is not None:
+            continue  # e.g. bf16 asked for: ONNX Runtime's CPU provider runs fp32 only
         if all(importlib.util.find_spec(package) is not None for package in packages):
             return engine
     return "torch"
