@@ -23,6 +23,13 @@ augmentation, which is part of its step). Each is timed `--rounds` times
 after `--warmup` steps, alternating the loops, and the best round is kept (as timeit does:
 background load only ever slows a round down). The ratio is project / plain.
 
+`--variant NAME` (repeatable) adds the project's step with one run option or recipe
+field changed, timed in the same rounds, to find what wins on this machine before it
+becomes a default: `fused` (torch.optim's fused SGD), `max-autotune` (torch.compile's
+max-autotune-no-cudagraphs mode), `contiguous` (the default memory format instead of
+channels_last), `batch-256` (batches of 256; a recipe change, since the learning rate
+then needs retuning).
+
 Real images (`--data`, any source model.train accepts, loaded from its decoded cache)
 and random ones cost the same per step; random uint8 images are the default.
 """
@@ -30,11 +37,13 @@ and random ones cost the same per step; random uint8 images are the default.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 if __package__ in (None, ""):  # run as a script: make the project's packages importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -54,6 +63,31 @@ from model.resnet import resnet
 EPOCH_IMAGES = 45_000  # CIFAR-10's training set less the 5,000-image validation split
 
 Step = Callable[[], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One configuration of the project's step: model.train's run options and batch size."""
+
+    run: train.RunOptions
+    batch_size: int
+
+
+# --variant NAME -> what it changes from model.train's defaults.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "fused": {"fused_optimizer": True},
+    "max-autotune": {"compile_mode": "max-autotune-no-cudagraphs"},
+    "contiguous": {"channels_last": False},
+    "batch-256": {"batch_size": 256},
+}
+
+
+def variant(args: argparse.Namespace, name: str | None) -> Variant:
+    """model.train's defaults (`--no-compile` honoured), changed as VARIANTS[name] says."""
+    changes = dict(VARIANTS[name]) if name else {}
+    batch_size = int(changes.pop("batch_size", args.batch_size))
+    run = dataclasses.replace(train.RunOptions(compile=not args.no_compile), **changes)
+    return Variant(run, batch_size)
 
 
 # --- (a) The plain loop ------------------------------------------------------------------
@@ -133,19 +167,23 @@ def project_steps(
     labels: torch.Tensor,
     args: argparse.Namespace,
     device: torch.device,
+    setup: Variant,
 ) -> tuple[Step, Step, str]:
-    """(end-to-end step, model-only step, precision): model.train's own `train_step`, with
-    the optimiser, schedule, EMA and augmentation built from model.train's defaults."""
-    recipe = train.Recipe(depth=args.depth, batch_size=args.batch_size)
-    run = train.RunOptions(compile=not args.no_compile)
+    """(end-to-end step, model-only step, description): model.train's own `train_step`,
+    with the optimiser, schedule, EMA and augmentation built as model.train builds them
+    for `setup`'s run options and batch size."""
+    recipe = train.Recipe(depth=args.depth, batch_size=setup.batch_size)
+    run = setup.run
     amp_dtype = train.training_autocast_dtype(recipe.precision, device)
     memory_format = torch.channels_last if run.channels_last else torch.contiguous_format
     model = resnet(recipe.depth, recipe.version, 10, recipe.shortcut)
     model = model.to(device).to(memory_format=memory_format)  # as model.train does
-    steps_per_epoch = math.ceil(EPOCH_IMAGES / args.batch_size)
+    steps_per_epoch = math.ceil(EPOCH_IMAGES / recipe.batch_size)
     # The schedule only sets the lr; its length does not change the cost of a step.
-    opt = train.build_optimization(model, recipe, steps_per_epoch, 100, device, amp_dtype)
-    forward = train.compile_for_training(model, device) if run.compile else model
+    opt = train.build_optimization(
+        model, recipe, steps_per_epoch, 100, device, amp_dtype, fused=run.fused_optimizer
+    )
+    forward = train.compile_for_training(model, device, run.compile_mode) if run.compile else model
     train_images, train_labels = images.to(device), labels.to(device)
     shuffle_gen = torch.Generator().manual_seed(1)
     augment_gen = torch.Generator(device=device).manual_seed(2)
@@ -168,12 +206,12 @@ def project_steps(
     def end_to_end() -> None:
         # model.train slices one seeded permutation per epoch; this one wraps around.
         nonlocal position
-        if position + args.batch_size > len(order):
+        if position + recipe.batch_size > len(order):
             position = 0
-        step(order[position : position + args.batch_size])
-        position += args.batch_size
+        step(order[position : position + recipe.batch_size])
+        position += recipe.batch_size
 
-    fixed_batch = torch.arange(args.batch_size, device=device) % len(train_images)
+    fixed_batch = torch.arange(recipe.batch_size, device=device) % len(train_images)
 
     def model_only() -> None:
         # The same batch every time (augmentation included: it is part of the step).
@@ -181,14 +219,18 @@ def project_steps(
 
     precision = f"{str(amp_dtype or torch.float32).removeprefix('torch.')} autocast"
     layout = str(memory_format).removeprefix("torch.")
-    compiled = "torch.compile" if run.compile else "eager"
-    return end_to_end, model_only, f"{precision}, {layout}, {compiled}"
+    compiled = f"torch.compile ({run.compile_mode})" if run.compile else "eager"
+    optimizer = "fused SGD" if run.fused_optimizer else "SGD"
+    described = f"{precision}, {layout}, {compiled}, {optimizer}, batch {recipe.batch_size}"
+    return end_to_end, model_only, described
 
 
 # --- Timing --------------------------------------------------------------------------------
 
 
-def images_per_second(step: Step, args: argparse.Namespace, device: torch.device) -> float:
+def images_per_second(
+    step: Step, batch_size: int, args: argparse.Namespace, device: torch.device
+) -> float:
     def synchronize() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -200,7 +242,7 @@ def images_per_second(step: Step, args: argparse.Namespace, device: torch.device
     for _ in range(args.steps):
         step()
     synchronize()
-    return args.steps * args.batch_size / (time.perf_counter() - start)
+    return args.steps * batch_size / (time.perf_counter() - start)
 
 
 def load_images(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, str]:
@@ -229,6 +271,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--random-images", type=int, default=4096, help="without --data")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-compile", action="store_true", help="the project's step without compiling")
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        choices=sorted(VARIANTS),
+        help="also time the project's step with this change (repeatable; see above)",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument(
         "--min-ratio",
@@ -246,44 +295,47 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     device = resolve_device(args.device)  # model.devices' policy, as model.train
     images, labels, source = load_images(args)
     torch.manual_seed(0)
-    plain_end_to_end, plain_model = plain_steps(images, labels, args, device)
-    project_end_to_end, project_model, precision = project_steps(images, labels, args, device)
+    # name -> (end-to-end step, model-only step, batch size); "project" is model.train's
+    # defaults, each variant one change from them.
+    loops: dict[str, tuple[Step, Step, int]] = {}
+    loops["plain"] = (*plain_steps(images, labels, args, device), args.batch_size)
+    described: dict[str, str] = {}
+    first_step: dict[str, float] = {}
+    for name in ["project", *args.variant]:
+        setup = variant(args, None if name == "project" else name)
+        end_to_end, model_only, described[name] = project_steps(images, labels, args, device, setup)
+        # The first step compiles the model (once per training run): timed apart.
+        start = time.perf_counter()
+        end_to_end()
+        first_step[name] = time.perf_counter() - start
+        loops[name] = (end_to_end, model_only, setup.batch_size)
 
-    # The first project step compiles the model (once per training run): time it apart.
-    start = time.perf_counter()
-    project_end_to_end()
-    first_step_seconds = time.perf_counter() - start
-
-    best = {"plain": 0.0, "project": 0.0, "plain_model": 0.0, "project_model": 0.0}
-    steps = {
-        "plain": plain_end_to_end,
-        "project": project_end_to_end,
-        "plain_model": plain_model,
-        "project_model": project_model,
-    }
-    for _ in range(args.rounds):
-        for name, step in steps.items():
-            best[name] = max(best[name], images_per_second(step, args, device))
+    best = {f"{name}{kind}": 0.0 for name in loops for kind in ("", "_model")}
+    for _ in range(args.rounds):  # alternating, so background load hits every loop alike
+        for name, (end_to_end, model_only, batch_size) in loops.items():
+            for key, step in ((name, end_to_end), (f"{name}_model", model_only)):
+                best[key] = max(best[key], images_per_second(step, batch_size, args, device))
 
     threads = f"threads={torch.get_num_threads()}" if device.type == "cpu" else str(device)
     print(
-        f"ResNet{args.depth}, batch {args.batch_size}, {device.type} ({threads}), data: {source}\n"
+        f"ResNet{args.depth}, {device.type} ({threads}), data: {source}\n"
         f"{args.rounds} round(s) of {args.warmup} warm-up + {args.steps} timed steps; best kept\n"
-        f"plain: fp32 eager, contiguous, per-image PIL transforms in {args.workers} workers\n"
-        f"project: model/train.py's step ({precision}, batched augmentation); "
-        f"its first step{'' if args.no_compile else ' (compiling the model)'} took "
-        f"{first_step_seconds:.1f} s\n"
+        f"plain: fp32 eager, contiguous, per-image PIL transforms in {args.workers} workers, "
+        f"batch {args.batch_size}"
     )
-    header = f"{'':<34}{'images/s':>10}{f's/epoch ({EPOCH_IMAGES:,})':>20}"
-    for title, plain, project in (
-        ("end to end (data pipeline included)", "plain", "project"),
-        ("step only (one fixed batch)", "plain_model", "project_model"),
-    ):
-        print(title)
-        print(header)
-        for label, key in (("  plain fp32 loop", plain), ("  project", project)):
-            print(f"{label:<34}{best[key]:>10.1f}{EPOCH_IMAGES / best[key]:>20.1f}")
-        print(f"{'  ratio (project / plain)':<34}{best[project] / best[plain]:>9.2f}x\n")
+    for name in described:
+        print(
+            f"{name}: model/train.py's step ({described[name]}, batched augmentation); its "
+            f"first step{'' if args.no_compile else ' (compiling)'} took {first_step[name]:.1f} s"
+        )
+    header = f"{'':<34}{'images/s':>10}{f's/epoch ({EPOCH_IMAGES:,})':>20}{'ratio':>8}"
+    for title, kind in (("end to end (data pipeline included)", ""), ("step only", "_model")):
+        print(f"\n{title}\n{header}")
+        for name in loops:
+            speed = best[f"{name}{kind}"]
+            ratio = speed / best[f"plain{kind}"]
+            label = "plain fp32 loop" if name == "plain" else name
+            print(f"  {label:<32}{speed:>10.1f}{EPOCH_IMAGES / speed:>20.1f}{ratio:>7.2f}x")
 
     ratio = best["project"] / best["plain"]
     result = dict(best, ratio=ratio, model_ratio=best["project_model"] / best["plain_model"])

@@ -142,6 +142,8 @@ class RunOptions:
     threads: int = 0
     channels_last: bool = True
     compile: bool = True
+    compile_mode: str = "default"  # torch.compile's mode
+    fused_optimizer: bool = False  # the optimiser's fused kernel (one pass over all parameters)
     no_progress: bool = False
 
     @property
@@ -313,6 +315,19 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
         help="torch.compile the model (needs a C++ compiler on the CPU; the first steps wait)",
     )
     group.add_argument(
+        "--compile-mode",
+        choices=COMPILE_MODES,
+        default="default",
+        help="torch.compile's mode (max-autotune tries more kernels and compiles longer)",
+    )
+    group.add_argument(
+        "--fused-optimizer",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="the optimiser's fused implementation (torch.optim's fused=True): the same "
+        "update in one kernel over all parameters instead of one per tensor",
+    )
+    group.add_argument(
         "--run-dir", type=Path, default=Path("runs/resnet56"), help="checkpoints, log, plots"
     )
     group.add_argument(
@@ -352,8 +367,15 @@ def training_autocast_dtype(precision: str, device: torch.device) -> torch.dtype
     return autocast_dtype(precision)
 
 
-def compile_for_training(model: nn.Module, device: torch.device) -> nn.Module:
-    """`model` wrapped by torch.compile (it shares the model's parameters).
+# torch.compile's modes; the CUDA-graph ones ("reduce-overhead", "max-autotune") record
+# graphs only on CUDA and behave like their "-no-cudagraphs" forms elsewhere.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def compile_for_training(
+    model: nn.Module, device: torch.device, mode: str = "default"
+) -> nn.Module:
+    """`model` wrapped by torch.compile in `mode` (it shares the model's parameters).
 
     Why it pays (benchmarks/train_throughput.py measures by how much): Inductor fuses each
     BatchNorm with its ReLU (and residual addition) into one pass over memory, and on the
@@ -370,7 +392,7 @@ def compile_for_training(model: nn.Module, device: torch.device) -> nn.Module:
                 f"error: torch.compile on the CPU needs a C++ compiler and {compiler!r} is not "
                 "installed: install one (e.g. apt install g++) or train with --no-compile"
             )
-    return cast(nn.Module, torch.compile(model, dynamic=False))
+    return cast(nn.Module, torch.compile(model, mode=mode, dynamic=False))
 
 
 # --- Optimiser and schedule ------------------------------------------------------------------
@@ -460,18 +482,27 @@ def build_optimization(
     epochs: int,
     device: torch.device,
     amp_dtype: torch.dtype | None,
+    fused: bool = False,
 ) -> Optimization:
     """Optimiser (decay on conv/linear weights only), per-step schedule, scaler, EMA.
+    `fused`: torch.optim's fused implementation of the same update.
 
     The EMA starts as a copy of `model`'s weights: build this after loading any initial ones.
     """
     groups = parameter_groups(model, recipe.weight_decay, recipe.decay_bn_and_bias)
+    # fused=None (not False) leaves torch its own choice between its for-each and per-tensor
+    # implementations.
+    implementation = True if fused else None
     if recipe.optimizer == "sgd":
         optimizer: torch.optim.Optimizer = torch.optim.SGD(
-            groups, lr=recipe.peak_lr, momentum=recipe.momentum, nesterov=recipe.nesterov
+            groups,
+            lr=recipe.peak_lr,
+            momentum=recipe.momentum,
+            nesterov=recipe.nesterov,
+            fused=implementation,
         )
     else:
-        optimizer = torch.optim.Adam(groups, lr=recipe.peak_lr)
+        optimizer = torch.optim.Adam(groups, lr=recipe.peak_lr, fused=implementation)
     schedule = LrSchedule(
         kind=recipe.schedule,
         peak=recipe.peak_lr,
@@ -691,6 +722,9 @@ def load_initial_weights(path: Path, recipe: Recipe) -> tuple[dict[str, torch.Te
     return parent.state_dict(), card
 
 
+FINAL_STRETCH = 0.9  # the share of a time-budgeted plan after which it is never lengthened
+
+
 @dataclass
 class TimeBudget:
     """Fits a run's epoch count to a wall-clock budget, from the epochs' measured wall times.
@@ -705,14 +739,20 @@ class TimeBudget:
     started: float  # time.monotonic() when the run's clock started (earlier processes included)
     epoch_seconds: list[float] = field(default_factory=list)
 
-    def epochs_that_fit(self, epochs_done: int, reserve_seconds: float) -> int:
+    def epochs_that_fit(self, epochs_done: int, planned: int, reserve_seconds: float) -> int:
         """Epochs in all: those done, plus as many as the time left holds after `reserve`
         and one epoch kept in hand, so that a pause or slowdown near the end still lets the
-        schedule finish inside the budget."""
+        schedule finish inside the budget.
+
+        In the last tenth of the `planned` epochs the plan only shrinks: the learning rate
+        is then near zero, and a longer plan would only add epochs that change nothing."""
         steady = self.epoch_seconds[1:][-3:] or self.epoch_seconds[-1:]
         per_epoch = statistics.median(steady)
         left = self.seconds - (time.monotonic() - self.started) - reserve_seconds - per_epoch
-        return epochs_done + max(0, int(left // per_epoch))
+        fitted = epochs_done + max(0, int(left // per_epoch))
+        if epochs_done >= FINAL_STRETCH * planned:
+            return min(fitted, planned)
+        return fitted
 
 
 def format_duration(seconds: float) -> str:
@@ -1047,8 +1087,9 @@ def start_training(
     # (warm-up, then lr near the peak) and fit the plan after each epoch.
     planned_epochs = recipe.epochs or 1_000_000
     opt = build_optimization(
-        model, recipe, steps_per_epoch, planned_epochs, place.device, place.amp_dtype
-    )
+        model, recipe, steps_per_epoch, planned_epochs, place.device, place.amp_dtype,
+        fused=run.fused_optimizer,
+    )  # fmt: skip
     # Explicit generators make shuffling and augmentation reproducible and resumable; the
     # permutation is shared by all ranks, the augmentation differs per rank.
     shuffle_gen = torch.Generator().manual_seed(recipe.seed + 1)
@@ -1071,7 +1112,9 @@ def start_training(
         keep_log_rows(run.log_path, up_to_epoch=progress["epoch"])
     # DDP averages the gradients over ranks (and broadcasts rank 0's weights at the start).
     trained = DistributedDataParallel(model) if place.ranks.world_size > 1 else model
-    forward = compile_for_training(trained, place.device) if run.compile else trained
+    forward = (
+        compile_for_training(trained, place.device, run.compile_mode) if run.compile else trained
+    )
     budget = TimeBudget(recipe.time_budget, started) if recipe.time_budget else None
     return Training(
         model, forward, opt, shuffle_gen, augment_gen, steps_per_epoch, planned_epochs,
@@ -1158,7 +1201,9 @@ def fit_plan(
     budget = training.budget
     assert budget is not None  # only called under a time budget
     budget.epoch_seconds.append(time.perf_counter() - epoch_start)
-    fitted = budget.epochs_that_fit(training.epoch, reserve_seconds=4 * validation_seconds + 2)
+    fitted = budget.epochs_that_fit(
+        training.epoch, training.planned_epochs, reserve_seconds=4 * validation_seconds + 2
+    )
     if fitted != training.planned_epochs:
         place.say(
             f"time budget {format_duration(budget.seconds)}: {fitted} epochs fit "

@@ -407,6 +407,46 @@ def test_time_budget_holds_when_the_trainer_is_paused(colour_tree: Path, tmp_pat
     assert len(fitted) >= 2, output  # planned once, then re-planned after the pause
 
 
+def budget_with(seconds_left: float, epoch_seconds: float = 10.0) -> train.TimeBudget:
+    """A 1,000 s budget with `seconds_left` (plus one epoch kept in hand) still to run."""
+    used = 1000.0 - seconds_left - epoch_seconds
+    return train.TimeBudget(1000.0, time.monotonic() - used, [epoch_seconds] * 4)
+
+
+def test_time_budget_lengthens_the_plan_early_but_not_in_its_last_tenth() -> None:
+    # 495 s left at 10 s an epoch: 49 more epochs fit.
+    assert budget_with(495).epochs_that_fit(10, planned=50, reserve_seconds=0) == 59
+    assert budget_with(495).epochs_that_fit(44, planned=50, reserve_seconds=0) == 93
+    # Past 90% of the plan the lr is near zero: more epochs would add nothing.
+    assert budget_with(495).epochs_that_fit(45, planned=50, reserve_seconds=0) == 50
+    # ...but the plan still shrinks there when time runs short.
+    assert budget_with(15).epochs_that_fit(46, planned=50, reserve_seconds=0) == 47
+
+
+def test_the_fused_optimizer_makes_the_same_update() -> None:
+    """--fused-optimizer changes how the step runs, not the weights it gives."""
+    recipe = train.Recipe(depth=8)
+    updated = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        model = resnet(8, num_classes=10)
+        opt = train.build_optimization(model, recipe, 10, 2, torch.device("cpu"), None, fused)
+        for _ in range(3):
+            loss = model(torch.randn(4, 3, 32, 32)).logsumexp(1).mean()
+            opt.optimizer.zero_grad()
+            loss.backward()
+            opt.optimizer.step()
+        updated.append(model.state_dict())
+    assert_same_tensors(updated[1], updated[0])
+
+
+def test_run_option_flags() -> None:
+    _, run = train.parse_args(["--compile-mode", "max-autotune", "--fused-optimizer"])
+    assert run.compile_mode == "max-autotune" and run.fused_optimizer
+    _, run = train.parse_args([])
+    assert run.compile_mode == "default" and not run.fused_optimizer
+
+
 # --- Defaults ------------------------------------------------------------------------------
 
 
