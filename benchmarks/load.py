@@ -465,6 +465,12 @@ def main() -> int:
         help="extra flags for benchmarks.litserve_server, e.g. '--fast-queue'",
     )
     parser.add_argument(
+        "--service-args",
+        default="",
+        help="extra flags for the service alone (litserve mode), e.g. "
+        "'--inline-decode-max-pixels 0'",
+    )
+    parser.add_argument(
         "--profile", type=Path, help="py-spy flame graphs of each server into this folder"
     )
     parser.add_argument(
@@ -525,7 +531,10 @@ def main() -> int:
             need_ratio, need_p99 = None, False
         elif args.compare == "litserve":  # issue 17: the peer framework, same model and work
             same = [*common, "--engine", args.engine, *batching]
-            configs = {"service": same, "litserve": [*same, *shlex.split(args.litserve_args)]}
+            configs = {
+                "service": [*same, *shlex.split(args.service_args)],
+                "litserve": [*same, *shlex.split(args.litserve_args)],
+            }
             need_ratio, need_p99 = (2.0 if args.no_mirror_tta else 1.3), False
             max_p99_ms = 100.0
         else:  # issue 6: the fastest engine against torch, both batching

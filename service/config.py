@@ -103,6 +103,13 @@ class Settings(BaseSettings):
     decode_threads: int = Field(
         1, ge=1, le=64, description="Threads decoding images (kept off the event loop)."
     )
+    inline_decode_max_pixels: int = Field(
+        4096,
+        ge=0,
+        description="Images of at most this many pixels (and 64 KiB) decode on the event "
+        "loop, where they cost less than the hand-over to a decode thread; 0: all go to the "
+        "decode threads.",
+    )
     threads: int = Field(
         0, ge=0, description="CPU threads for the engine (0: one per core, the library default)."
     )

@@ -116,7 +116,9 @@ class Service:
         )
         # Decoding gets its own small pool: off the event loop, too few threads to starve
         # the inference thread of cores, and shared image by image between requests.
-        self._decoder = DecodePool(settings.decode_threads, settings.max_pixels)
+        self._decoder = DecodePool(
+            settings.decode_threads, settings.max_pixels, settings.inline_decode_max_pixels
+        )
         self.state: State = "starting"
         self.model_name = self.model_version = ""
         self.classes: tuple[str, ...] = CIFAR10_CLASSES

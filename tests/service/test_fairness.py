@@ -51,11 +51,13 @@ class DecodeLog:
 
     def __init__(self) -> None:
         self.events: list[tuple[str, str, float]] = []  # (start|end, filename, time)
+        self.threads: dict[str, str] = {}  # filename -> the thread that last decoded it
         self._lock = threading.Lock()
 
     def __call__(self, upload: Upload, max_pixels: int) -> DecodedImage:
         with self._lock:
             self.events.append(("start", upload.filename or "", time.perf_counter()))
+            self.threads[upload.filename or ""] = threading.current_thread().name
         try:
             return decode_image(upload, max_pixels)
         finally:
@@ -84,10 +86,16 @@ def test_a_small_request_waits_for_at_most_one_image_of_a_heavy_batch(
 ) -> None:
     """The bound (docs/api.md, Limits): a request waits on the decode threads for at most one
     image of each request ahead of it. Here one decode thread, a batch of 6 heavy images
-    sent first, and a small image sent once the batch has started decoding."""
+    sent first, and a small image sent once the batch has started decoding (with inline
+    decoding off, so that the small image too takes its turn on the thread)."""
     heavy = _heavy_png()
     settings = settings_for(
-        weights_file, decode_threads=1, max_files=6, max_pixels=5_000_000, max_batch_size=8
+        weights_file,
+        decode_threads=1,
+        max_files=6,
+        max_pixels=5_000_000,
+        max_batch_size=8,
+        inline_decode_max_pixels=0,
     )
 
     async def scenario() -> tuple[httpx.Response, httpx.Response, float, float]:
@@ -123,6 +131,7 @@ def test_a_batch_stops_decoding_when_its_deadline_passes(
         max_pixels=5_000_000,
         max_upload_bytes=2_000_000,
         request_timeout_s=0.3,
+        inline_decode_max_pixels=0,
     )
 
     async def scenario() -> tuple[httpx.Response, int]:
@@ -138,3 +147,36 @@ def test_a_batch_stops_decoding_when_its_deadline_passes(
     assert response.status_code == 504
     assert response.json()["error"]["code"] == "timeout"
     assert started < 16  # 16 images take about 1.6 s here; the deadline was 0.3 s
+
+
+def test_small_images_decode_on_the_event_loop_and_larger_ones_on_the_threads(
+    weights_file: Path, decode_log: DecodeLog
+) -> None:
+    settings = settings_for(weights_file, inline_decode_max_pixels=4096)
+    small, large = png(1, 32, 32), png(2, 100, 100)  # 1,024 and 10,000 pixels
+
+    async def scenario() -> list[httpx.Response]:
+        async with running(create_app(settings)) as client:
+            return [
+                await client.post("/predict", files={"file": (name, data)})
+                for name, data in (("small", small), ("large", large))
+            ]
+
+    responses = asyncio.run(scenario())
+    assert [response.status_code for response in responses] == [200, 200]
+    assert decode_log.threads["small"] == threading.main_thread().name  # the event loop's
+    assert decode_log.threads["large"].startswith("decode")
+
+
+def test_inline_decoding_never_lets_an_image_past_max_pixels(weights_file: Path) -> None:
+    """The inline limit is capped at max_pixels: a 1,440-pixel image is refused under a
+    max_pixels of 1,000, whatever the inline limit says."""
+    settings = settings_for(weights_file, max_pixels=1000, inline_decode_max_pixels=4096)
+
+    async def scenario() -> httpx.Response:
+        async with running(create_app(settings)) as client:
+            return await client.post("/predict", files={"file": ("x.png", png(1, 40, 36))})
+
+    response = asyncio.run(scenario())
+    assert response.status_code == 413, response.text
+    assert response.json()["error"]["code"] == "too_many_pixels"
