@@ -487,6 +487,8 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--check", action="store_true", help="exit 1 if the criterion fails")
     args = parser.parse_args()
+    if args.service_args and args.compare != "litserve":
+        parser.error("--service-args goes with --compare litserve (other modes set both sides)")
     if args.compare == "int8" and args.precision == "int8":
         parser.error("--compare int8 compares int8 with --precision: pick another one")
     if args.client == "auto":

@@ -39,7 +39,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, Literal, TypeVar, cast, get_args
 
 import torch
 import torch.distributed as dist
@@ -77,6 +77,12 @@ CUDA_DEFAULT_EPOCHS = 200  # the published recipes' length (He et al.: 164; Kera
 CPU_DEFAULT_BUDGET = "2h30m"  # what one working period of a 2-core machine affords
 DATA_ENV = "CIFAR10_DATA"
 DEFAULT_DATA_DIR = Path("data/cifar10")
+
+
+# torch.compile's modes; the CUDA-graph ones ("reduce-overhead", "max-autotune") record
+# graphs only on CUDA and behave like their "-no-cudagraphs" forms elsewhere.
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+COMPILE_MODES: tuple[CompileMode, ...] = get_args(CompileMode)
 
 
 @dataclass(frozen=True)
@@ -142,8 +148,8 @@ class RunOptions:
     threads: int = 0
     channels_last: bool = True
     compile: bool = True
-    compile_mode: str = "default"  # torch.compile's mode
-    fused_optimizer: bool = False  # the optimiser's fused kernel (one pass over all parameters)
+    compile_mode: CompileMode = "default"  # torch.compile's mode
+    fused_optimizer: bool = False  # torch.optim's fused implementation of the same update
     no_progress: bool = False
 
     @property
@@ -324,8 +330,8 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
         "--fused-optimizer",
         action=argparse.BooleanOptionalAction,
         default=False,
-        help="the optimiser's fused implementation (torch.optim's fused=True): the same "
-        "update in one kernel over all parameters instead of one per tensor",
+        help="torch.optim's fused implementation (fused=True) of the same update, instead "
+        "of torch's default (a loop over the parameters on the CPU, for-each on CUDA)",
     )
     group.add_argument(
         "--run-dir", type=Path, default=Path("runs/resnet56"), help="checkpoints, log, plots"
@@ -367,13 +373,8 @@ def training_autocast_dtype(precision: str, device: torch.device) -> torch.dtype
     return autocast_dtype(precision)
 
 
-# torch.compile's modes; the CUDA-graph ones ("reduce-overhead", "max-autotune") record
-# graphs only on CUDA and behave like their "-no-cudagraphs" forms elsewhere.
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-
-
 def compile_for_training(
-    model: nn.Module, device: torch.device, mode: str = "default"
+    model: nn.Module, device: torch.device, mode: CompileMode = "default"
 ) -> nn.Module:
     """`model` wrapped by torch.compile in `mode` (it shares the model's parameters).
 
@@ -492,17 +493,17 @@ def build_optimization(
     groups = parameter_groups(model, recipe.weight_decay, recipe.decay_bn_and_bias)
     # fused=None (not False) leaves torch its own choice between its for-each and per-tensor
     # implementations.
-    implementation = True if fused else None
+    fused_or_default = True if fused else None
     if recipe.optimizer == "sgd":
         optimizer: torch.optim.Optimizer = torch.optim.SGD(
             groups,
             lr=recipe.peak_lr,
             momentum=recipe.momentum,
             nesterov=recipe.nesterov,
-            fused=implementation,
+            fused=fused_or_default,
         )
     else:
-        optimizer = torch.optim.Adam(groups, lr=recipe.peak_lr, fused=implementation)
+        optimizer = torch.optim.Adam(groups, lr=recipe.peak_lr, fused=fused_or_default)
     schedule = LrSchedule(
         kind=recipe.schedule,
         peak=recipe.peak_lr,
@@ -722,7 +723,9 @@ def load_initial_weights(path: Path, recipe: Recipe) -> tuple[dict[str, torch.Te
     return parent.state_dict(), card
 
 
-FINAL_STRETCH = 0.9  # the share of a time-budgeted plan after which it is never lengthened
+# A time-budgeted plan grows (when epochs speed up) only while the learning rate is at least
+# this share of its peak: near the end of the anneal more epochs would change nothing.
+GROW_MIN_LR_FACTOR = 0.05
 
 
 @dataclass
@@ -739,18 +742,21 @@ class TimeBudget:
     started: float  # time.monotonic() when the run's clock started (earlier processes included)
     epoch_seconds: list[float] = field(default_factory=list)
 
-    def epochs_that_fit(self, epochs_done: int, planned: int, reserve_seconds: float) -> int:
+    def epochs_that_fit(
+        self, epochs_done: int, planned: int, reserve_seconds: float, lr_factor: float
+    ) -> int:
         """Epochs in all: those done, plus as many as the time left holds after `reserve`
         and one epoch kept in hand, so that a pause or slowdown near the end still lets the
         schedule finish inside the budget.
 
-        In the last tenth of the `planned` epochs the plan only shrinks: the learning rate
-        is then near zero, and a longer plan would only add epochs that change nothing."""
+        Once the learning rate is under GROW_MIN_LR_FACTOR of its peak (`lr_factor`: the
+        schedule's current share) the plan only shrinks: a longer plan would raise the
+        rate again for epochs that change nothing."""
         steady = self.epoch_seconds[1:][-3:] or self.epoch_seconds[-1:]
         per_epoch = statistics.median(steady)
         left = self.seconds - (time.monotonic() - self.started) - reserve_seconds - per_epoch
         fitted = epochs_done + max(0, int(left // per_epoch))
-        if epochs_done >= FINAL_STRETCH * planned:
+        if lr_factor < GROW_MIN_LR_FACTOR:
             return min(fitted, planned)
         return fitted
 
@@ -1202,7 +1208,10 @@ def fit_plan(
     assert budget is not None  # only called under a time budget
     budget.epoch_seconds.append(time.perf_counter() - epoch_start)
     fitted = budget.epochs_that_fit(
-        training.epoch, training.planned_epochs, reserve_seconds=4 * validation_seconds + 2
+        training.epoch,
+        training.planned_epochs,
+        reserve_seconds=4 * validation_seconds + 2,
+        lr_factor=training.opt.schedule.factor(),
     )
     if fitted != training.planned_epochs:
         place.say(

@@ -101,14 +101,15 @@ class Settings(BaseSettings):
         "per image, for higher accuracy (the model card, weights/MODEL_CARD.md, gives it).",
     )
     decode_threads: int = Field(
-        1, ge=1, le=64, description="Threads decoding images (kept off the event loop)."
+        1, ge=1, le=64, description="Threads decoding images larger than thumbnails."
     )
     inline_decode_max_pixels: int = Field(
         4096,
         ge=0,
-        description="Images of at most this many pixels (and 64 KiB) decode on the event "
-        "loop, where they cost less than the hand-over to a decode thread; 0: all go to the "
-        "decode threads.",
+        le=65_536,
+        description="PNGs and JPEGs of at most this many pixels (and 4 bytes a pixel plus "
+        "4 KiB) decode on the event loop, where they cost less than the hand-over to a "
+        "decode thread; 0: every image goes to the decode threads.",
     )
     threads: int = Field(
         0, ge=0, description="CPU threads for the engine (0: one per core, the library default)."

@@ -9,7 +9,8 @@ Decoding opens the image lazily (Pillow reads only the header), refuses too many
 before any pixel is decoded (decompression bombs), then decodes the first frame to RGB
 (`model.preprocessing.to_rgb`: transparency over white), applies the EXIF orientation and
 hands it to `model.preprocessing.image_to_tensor`, the same code training uses. It is
-plain blocking code: service.decoding runs it on the decode threads.
+plain blocking code: service.decoding runs it on the decode threads (small PNGs and JPEGs,
+without the retries, on the event loop).
 """
 
 from __future__ import annotations
@@ -332,13 +333,15 @@ def _second_try(data: bytes, error: ApiError, max_pixels: int) -> Decoded:
     raise error
 
 
-def decode_image(upload: Upload, max_pixels: int) -> DecodedImage:
+def decode_image(upload: Upload, max_pixels: int, *, retry: bool = True) -> DecodedImage:
     """Upload bytes -> uint8 (3, 32, 32) tensor by the documented preprocessing rule.
 
     Metadata never makes an image unreadable: PNG text and ICC chunks are dropped before
     decoding, and an image that fails is tried once more without its metadata
     (service.containers). A JPEG that lacks only its end marker is completed when all of
-    its pixel data is there. Anything else wrong is the ApiError of the first attempt."""
+    its pixel data is there. Anything else wrong is the ApiError of the first attempt.
+    `retry=False` skips those second tries (whose cost the pixel limit does not bound)
+    and raises the first attempt's error."""
     started = time.perf_counter()
     if not upload.data:
         raise ApiError(400, "empty_file", "the file is empty")
@@ -348,7 +351,7 @@ def decode_image(upload: Upload, max_pixels: int) -> DecodedImage:
     try:
         rgb, fmt, mode, width, height = _decode_rgb(data, max_pixels)
     except ApiError as error:
-        if error.status_code not in (415, 422):
+        if not retry or error.status_code not in (415, 422):
             raise
         rgb, fmt, mode, width, height = _second_try(data, error, max_pixels)
     return DecodedImage(

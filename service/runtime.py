@@ -3,7 +3,8 @@
 One request's path, all bounded in memory and time:
   admit (503 while draining, 429 when queue_size images are already in the system)
   -> read the body (413 past max_upload_bytes, while reading)
-  -> decode on the decode threads (4xx for anything wrong with the bytes)
+  -> decode (thumbnails on the event loop, the rest on the decode threads; 4xx for
+     anything wrong with the bytes)
   -> queue each image for the batcher -> wait for the answers, the deadline (504) or the
      client leaving (its images are then dropped before they enter a batch).
 
@@ -114,8 +115,8 @@ class Service:
             queue_size=settings.queue_size,
             metrics=metrics,
         )
-        # Decoding gets its own small pool: off the event loop, too few threads to starve
-        # the inference thread of cores, and shared image by image between requests.
+        # Decoding gets its own small pool (thumbnails excepted): off the event loop, too
+        # few threads to starve the inference thread of cores, shared image by image.
         self._decoder = DecodePool(
             settings.decode_threads, settings.max_pixels, settings.inline_decode_max_pixels
         )
@@ -296,8 +297,9 @@ class Service:
     async def decode(
         self, uploads: list[Upload], ticket: Ticket, *, name: str
     ) -> list[DecodedImage]:
-        """Decode on the decode threads, image by image, taking turns with other requests
-        and stopping at the ticket's deadline (service/decoding.py). With several files,
+        """Decode image by image (thumbnails on the event loop, the rest on the decode
+        threads, taking turns with other requests), stopping at the ticket's deadline
+        (service/decoding.py). With several files,
         an error names the culprit as `name[index]: ...`."""
         return await self._decoder.decode(uploads, ticket.deadline, name=name)
 

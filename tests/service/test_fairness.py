@@ -16,11 +16,13 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
 import service.decoding
 from service.app import create_app
+from service.config import Settings
 from service.images import DecodedImage, Upload, decode_image
-from tests.support.images import image_bytes, png
+from tests.support.images import image_bytes, noise_image, png
 from tests.support.reference import reference_probabilities
 from tests.support.service import running, settings_for
 
@@ -47,19 +49,20 @@ def test_extreme_aspect_ratios_up_to_max_pixels_are_answered(
 
 
 class DecodeLog:
-    """Wraps service.decoding's decode_image: records when each file's decode starts/ends."""
+    """Wraps service.decoding's decode_image: records when each file's decode (or inline
+    attempt) starts and ends, and on which thread it last ran."""
 
     def __init__(self) -> None:
         self.events: list[tuple[str, str, float]] = []  # (start|end, filename, time)
         self.threads: dict[str, str] = {}  # filename -> the thread that last decoded it
         self._lock = threading.Lock()
 
-    def __call__(self, upload: Upload, max_pixels: int) -> DecodedImage:
+    def __call__(self, upload: Upload, max_pixels: int, *, retry: bool = True) -> DecodedImage:
         with self._lock:
             self.events.append(("start", upload.filename or "", time.perf_counter()))
             self.threads[upload.filename or ""] = threading.current_thread().name
         try:
-            return decode_image(upload, max_pixels)
+            return decode_image(upload, max_pixels, retry=retry)
         finally:
             with self._lock:
                 self.events.append(("end", upload.filename or "", time.perf_counter()))
@@ -149,34 +152,66 @@ def test_a_batch_stops_decoding_when_its_deadline_passes(
     assert started < 16  # 16 images take about 1.6 s here; the deadline was 0.3 s
 
 
-def test_small_images_decode_on_the_event_loop_and_larger_ones_on_the_threads(
-    weights_file: Path, decode_log: DecodeLog
-) -> None:
-    settings = settings_for(weights_file, inline_decode_max_pixels=4096)
-    small, large = png(1, 32, 32), png(2, 100, 100)  # 1,024 and 10,000 pixels
+def _thumbnail_with_text(characters: int) -> bytes:
+    """A 32x32 PNG carrying a text chunk of `characters` bytes."""
+    info = PngInfo()
+    info.add_text("comment", "x" * characters)
+    return image_bytes(noise_image(32, 32, seed=3), "PNG", pnginfo=info)
 
+
+def _posted_one_by_one(settings: Settings, files: dict[str, bytes]) -> list[httpx.Response]:
     async def scenario() -> list[httpx.Response]:
         async with running(create_app(settings)) as client:
             return [
                 await client.post("/predict", files={"file": (name, data)})
-                for name, data in (("small", small), ("large", large))
+                for name, data in files.items()
             ]
 
-    responses = asyncio.run(scenario())
-    assert [response.status_code for response in responses] == [200, 200]
-    assert decode_log.threads["small"] == threading.main_thread().name  # the event loop's
-    assert decode_log.threads["large"].startswith("decode")
+    return asyncio.run(scenario())
+
+
+def test_thumbnails_decode_on_the_event_loop_and_everything_else_on_the_threads(
+    weights_file: Path, decode_log: DecodeLog
+) -> None:
+    """Inline: a PNG and a JPEG of at most inline_decode_max_pixels pixels. Threads: more
+    pixels, more bytes than 4 a pixel plus 4 KiB (metadata to parse), another format, or
+    a first attempt that fails (here a JPEG cut before its end marker, which the threads
+    complete: the retries' cost is not bounded by the pixel count)."""
+    settings = settings_for(weights_file, inline_decode_max_pixels=4096)
+    thumbnail = noise_image(32, 32, seed=1)
+    files = {
+        "png": png(1, 32, 32),
+        "jpeg": image_bytes(thumbnail, "JPEG"),
+        "more pixels": png(2, 100, 100),  # 10,000 pixels
+        "more bytes": _thumbnail_with_text(30_000),  # over 4 x 4096 + 4096 bytes
+        "bmp": image_bytes(thumbnail, "BMP"),
+        "jpeg without end marker": image_bytes(thumbnail, "JPEG")[:-2],
+    }
+    responses = _posted_one_by_one(settings, files)
+    assert [response.status_code for response in responses] == [200] * len(files)
+    loop_thread = threading.main_thread().name  # running() serves the app on it
+    where = {name: decode_log.threads[name] for name in files}
+    assert where["png"] == where["jpeg"] == loop_thread, where
+    others = [where[name] for name in files if name not in ("png", "jpeg")]
+    assert all(thread.startswith("decode") for thread in others), where
+
+
+def test_a_bad_thumbnail_gets_the_same_answer_with_inline_decoding_on_or_off(
+    weights_file: Path,
+) -> None:
+    truncated = png(4, 32, 32)[:1500]
+    answers = []
+    for inline in (0, 4096):
+        settings = settings_for(weights_file, inline_decode_max_pixels=inline)
+        [response] = _posted_one_by_one(settings, {"cut.png": truncated})
+        answers.append((response.status_code, response.json()["error"]["code"]))
+    assert answers == [(422, "corrupt_image")] * 2
 
 
 def test_inline_decoding_never_lets_an_image_past_max_pixels(weights_file: Path) -> None:
     """The inline limit is capped at max_pixels: a 1,440-pixel image is refused under a
     max_pixels of 1,000, whatever the inline limit says."""
     settings = settings_for(weights_file, max_pixels=1000, inline_decode_max_pixels=4096)
-
-    async def scenario() -> httpx.Response:
-        async with running(create_app(settings)) as client:
-            return await client.post("/predict", files={"file": ("x.png", png(1, 40, 36))})
-
-    response = asyncio.run(scenario())
+    [response] = _posted_one_by_one(settings, {"x.png": png(1, 40, 36)})
     assert response.status_code == 413, response.text
     assert response.json()["error"]["code"] == "too_many_pixels"
