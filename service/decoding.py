@@ -91,9 +91,11 @@ class DecodePool:
     def decode_inline(self, upload: Upload) -> DecodedImage | None:
         """`upload` decoded here, on the event loop, in one attempt, if it is a small PNG
         or JPEG; None for anything else, and for any failure (the threads then decode it,
-        retries included, and give the error). Raises only 400 `empty_file`."""
+        retries included, and give the error). Never raises."""
         data = upload.data
-        if len(data) > self.inline_max_bytes or not data.startswith(INLINE_FORMATS):
+        if not self.inline_max_pixels or len(data) > self.inline_max_bytes:
+            return None
+        if not data.startswith(INLINE_FORMATS):
             return None  # an empty file as well: the threads answer it
         try:
             return decode_image(upload, self.inline_max_pixels, retry=False)
