@@ -28,7 +28,7 @@ field changed, timed in the same rounds, to find what wins on this machine befor
 becomes a default: `fused` (torch.optim's fused SGD), `max-autotune` (torch.compile's
 max-autotune-no-cudagraphs mode), `contiguous` (the default memory format instead of
 channels_last), `batch-256` (batches of 256; a recipe change, since the learning rate
-then needs retuning).
+then needs retuning), `eager` (without torch.compile: model.train's `--no-compile`).
 
 Real images (`--data`, any source model.train accepts, loaded from its decoded cache)
 and random ones cost the same per step; random uint8 images are the default.
@@ -79,6 +79,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "max-autotune": {"compile_mode": "max-autotune-no-cudagraphs"},
     "contiguous": {"channels_last": False},
     "batch-256": {"batch_size": 256},
+    "eager": {"compile": False},
 }
 
 
@@ -301,8 +302,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     loops["plain"] = (*plain_steps(images, labels, args, device), args.batch_size)
     described: dict[str, str] = {}
     first_step: dict[str, float] = {}
+    compiles: dict[str, bool] = {}
     for name in ["project", *args.variant]:
         setup = variant(args, None if name == "project" else name)
+        compiles[name] = setup.run.compile
         end_to_end, model_only, described[name] = project_steps(images, labels, args, device, setup)
         # The first step compiles the model (once per training run): timed apart.
         start = time.perf_counter()
@@ -326,7 +329,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     for name in described:
         print(
             f"{name}: model/train.py's step ({described[name]}, batched augmentation); its "
-            f"first step{'' if args.no_compile else ' (compiling)'} took {first_step[name]:.1f} s"
+            f"first step{' (compiling)' if compiles[name] else ''} took {first_step[name]:.1f} s"
         )
     header = f"{'':<34}{'images/s':>10}{f's/epoch ({EPOCH_IMAGES:,})':>20}{'ratio':>8}"
     for title, kind in (("end to end (data pipeline included)", ""), ("step only", "_model")):
