@@ -37,6 +37,12 @@ The load client matters on a small machine, because it shares the cores with the
 Only 200 answers count as served; any other status or a broken connection is reported as
 an error (there should be none: the queue limit is far above 64).
 
+Each measured run also records the CPU time spent per served request by the server's
+processes (psutil, the process and its children: LitServe's workers too; nginx is not
+counted in proxy mode) and by the load client. Where every process shares the same cores,
+the throughput ratio of two servers at saturation follows the ratio of these totals, so
+they say how much of a request's cost is the server's own.
+
 `--compare litserve` (needs `pip install -e '.[bench]'`) runs `benchmarks/litserve_server.py`
 as the second server: LitServe with the same engine, precision, batching limits and mirror
 TTA setting, answering the same multipart /predict. Issue 17's bars at the highest
@@ -62,6 +68,7 @@ import contextlib
 import io
 import json
 import os
+import resource
 import shlex
 import shutil
 import signal
@@ -75,6 +82,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import psutil
 from PIL import Image
 
 from deploy.proxy import running_proxy
@@ -116,6 +124,9 @@ class Measurement:
     p50_ms: float
     p99_ms: float
     errors: int
+    served: int = 0  # requests answered 200 in the measured run
+    server_cpu_us: float = float("nan")  # CPU time of the server's processes per served request
+    client_cpu_us: float = float("nan")  # CPU time of the load client per served request
 
 
 # --- request bodies ---------------------------------------------------------------------
@@ -174,6 +185,7 @@ def run_wrk(port: int, concurrency: int, seconds: float, body_dir: Path, count: 
         result["p50_us"] / 1000,
         result["p99_us"] / 1000,
         result["errors"],
+        served,
     )
 
 
@@ -223,7 +235,8 @@ async def _python_load(
     if not latencies:
         return Measurement(concurrency, 0.0, float("nan"), float("nan"), errors)
     p50, p99 = np.percentile(np.array(latencies) * 1000, [50, 99])
-    return Measurement(concurrency, len(latencies) / elapsed, float(p50), float(p99), errors)
+    served = len(latencies)
+    return Measurement(concurrency, served / elapsed, float(p50), float(p99), errors, served)
 
 
 # --- the service under test --------------------------------------------------------------
@@ -283,6 +296,26 @@ def stop_service(process: subprocess.Popen) -> None:
         while time.monotonic() < deadline:
             os.killpg(process.pid, 0)
             time.sleep(0.1)
+
+
+def process_tree_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process `pid` and its live descendants (LitServe's
+    workers, the service's threads are in its one process)."""
+    root = psutil.Process(pid)
+    total = 0.0
+    for process in (root, *root.children(recursive=True)):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            times = process.cpu_times()
+            total += times.user + times.system
+    return total
+
+
+def client_cpu_s(client: str) -> float:
+    """CPU seconds used so far by the load client: wrk is a child process this one reaps
+    (so it counts in RUSAGE_CHILDREN once it exits), the Python client is this process."""
+    who = resource.RUSAGE_CHILDREN if client == "wrk" else resource.RUSAGE_SELF
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
 
 
 def start_profiler(pid: int, seconds: float, output: Path, native: bool) -> subprocess.Popen[bytes]:
@@ -361,10 +394,16 @@ def _measure(
             if args.profile and keep and concurrency == max(args.concurrency):
                 output = args.profile / f"{name}-c{concurrency}.svg"
                 profiler = start_profiler(server_pid, seconds, output, args.profile_native)
+            server_cpu, client_cpu = process_tree_cpu_s(server_pid), client_cpu_s(args.client)
             if args.client == "wrk":
                 result = run_wrk(port, concurrency, seconds, workdir, len(bodies))
             else:
                 result = asyncio.run(_python_load(port, concurrency, seconds, bodies))
+            if result.served:
+                server_cpu = process_tree_cpu_s(server_pid) - server_cpu
+                client_cpu = client_cpu_s(args.client) - client_cpu
+                result.server_cpu_us = server_cpu / result.served * 1e6
+                result.client_cpu_us = client_cpu / result.served * 1e6
             if profiler is not None:
                 _, errors = profiler.communicate(timeout=seconds + 120)
                 failed = errors.decode(errors="replace").strip()
@@ -375,7 +414,8 @@ def _measure(
                 print(
                     f"  {name:<9} c={concurrency:<3} {result.requests_per_s:8.1f} req/s  "
                     f"p50 {result.p50_ms:8.1f} ms  p99 {result.p99_ms:8.1f} ms  "
-                    f"errors {result.errors}",
+                    f"errors {result.errors}  CPU per request: server "
+                    f"{result.server_cpu_us:.0f} us, client {result.client_cpu_us:.0f} us",
                     flush=True,
                 )
     return results
@@ -404,6 +444,15 @@ def report(
             f"{a.concurrency:>5} | {a.requests_per_s:>17.1f} {a.p50_ms:>8.1f} {a.p99_ms:>8.1f} | "
             f"{b.requests_per_s:>17.1f} {b.p50_ms:>8.1f} {b.p99_ms:>8.1f} | "
             f"{ratio:>6.2f}x {a.p99_ms / b.p99_ms:>9.2f}"
+        )
+    # Where a request's CPU goes on a machine whose cores every process shares: the
+    # throughput ratio follows the ratio of these sums once the cores are saturated.
+    print("\nCPU time per served request, us (server's processes + load client = total)")
+    for a, b in zip(*results, strict=True):
+        print(
+            f"{a.concurrency:>5} | {first} {a.server_cpu_us:.0f} + {a.client_cpu_us:.0f} = "
+            f"{a.server_cpu_us + a.client_cpu_us:.0f} | {second} {b.server_cpu_us:.0f} + "
+            f"{b.client_cpu_us:.0f} = {b.server_cpu_us + b.client_cpu_us:.0f}"
         )
     a, b = results[0][-1], results[1][-1]
     ratio = a.requests_per_s / b.requests_per_s if b.requests_per_s else float("inf")
