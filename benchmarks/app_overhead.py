@@ -17,11 +17,14 @@ bare     the same `Service.predict` (admission, deadline, multipart parsing, dec
          framework and the per-request bookkeeping.
 
 The figure is `time.thread_time()` of the event loop's thread divided by the requests
-answered (best of `--rounds`, alternating the sides): CPU time, so the inference and
-decode threads (a random ResNet8 on the torch engine, to keep them cheap) and other load
-on the machine hardly move it. The difference is the most that replacing the framework
-could save per request; `python -m benchmarks.load` gives the whole request's CPU time
-(HTTP parsing, the model and the load client included) to weigh it against.
+answered (best of `--rounds`, alternating the sides): CPU time, so the inference thread
+and other load on the machine hardly move it. Both sides decode the PNGs on the event
+loop (thumbnails do, `inline_decode_max_pixels`), so decoding is in both figures. The
+service runs a random ResNet8 on the torch engine (a cheap inference thread), one pass
+per image (`mirror_tta` off), batches of up to 64 within 2 ms. The difference is the
+most that replacing the framework could save per request; `python -m benchmarks.load`
+gives the whole request's CPU time (HTTP parsing, the model and the load client included)
+to weigh it against.
 """
 
 from __future__ import annotations

@@ -12,8 +12,8 @@ eager, the baseline. Rows:
 - torch: the torch engine in fp32 (eager, as trained), the baseline
 - torch-bf16: the torch engine under bf16 autocast (fast only with AMX / AVX512-BF16)
 - onnxruntime: ONNX Runtime, fp32
-- openvino: OpenVINO with the LATENCY hint and its default precision (bf16 on AMX CPUs),
-  what the service's openvino engine runs
+- openvino: OpenVINO with the LATENCY hint and its default precision (bf16 on AMX or
+  AVX512-BF16 CPUs), what the service's openvino engine runs
 - openvino-fp32: the same forced to fp32
 - openvino-throughput: the THROUGHPUT hint instead, to confirm that LATENCY is the right
   hint for the batcher's one synchronous caller

@@ -361,7 +361,8 @@ def main(argv: list[str] | None = None) -> list[ExportCheck]:
         report(onnx_path, ["fp32"])
     if args.format in ("openvino", "all"):
         xml = export_openvino(onnx_path or model, output_dir / f"{name}.xml")
-        # fp32 checks the IR itself; bf16 is what the openvino engine runs on AMX CPUs.
+        # fp32 checks the IR itself; bf16 is what the openvino engine runs on AMX or
+        # AVX512-BF16 CPUs.
         report(xml, ["fp32", "bf16"] if _openvino_runs_bf16() else ["fp32"])
     if any(check.precision == "bf16" for check in checks):
         print(

@@ -58,8 +58,8 @@ class Settings(BaseSettings):
     precision: Precision = Field(
         "auto",
         description="auto: fp16 on CUDA; on the CPU fp32 (torch, onnxruntime) or the CPU's "
-        "native bf16 (openvino on AMX CPUs); or force fp32, bf16, fp16; int8: the model "
-        "quantized by NNCF on the calibration images (openvino engine, CPU).",
+        "native bf16 (openvino on AMX or AVX512-BF16 CPUs); or force fp32, bf16, fp16; int8: "
+        "the model quantized by NNCF on the calibration images (openvino engine, CPU).",
     )
     calibration_path: Path = Field(
         PROJECT_ROOT / "weights" / "cifar10-calibration.safetensors",
