@@ -91,6 +91,41 @@ def test_openvino_ir_keeps_fp32_weights_and_a_dynamic_batch(
     assert weights and all(op.get_element_type() != ov.Type.f16 for op in weights)
 
 
+def test_int8_ir_keeps_the_first_convolution_and_the_linear_layer_in_float(
+    openvino_file: Path, tmp_path: Path
+) -> None:
+    """The body's convolutions run INT8 (a FakeQuantize on their input, int8 weights); the
+    stem convolution and the classifier keep float inputs and fp32 weights, the recipe's
+    choice that keeps accuracy (weights/MODEL_CARD.md)."""
+    pytest.importorskip("nncf", reason="int8 needs NNCF to quantize")
+    import openvino as ov
+
+    quantized = export.quantize_openvino(openvino_file, images(20), tmp_path / "int8.xml")
+    layers = [
+        op
+        for op in ov.Core().read_model(quantized).get_ordered_ops()
+        if op.get_type_name() in ("Convolution", "MatMul")
+    ]
+
+    def producers(op: ov.Node) -> list[str]:
+        """The op types feeding `op`, looking through reshapes and dequantizing multiplies."""
+        found = []
+        for port in op.inputs():
+            node = port.get_source_output().get_node()
+            while node.get_type_name() in ("Reshape", "Squeeze", "Multiply", "Convert"):
+                found.append(node.get_type_name())
+                node = node.input(0).get_source_output().get_node()
+            found.append(f"{node.get_type_name()}:{node.get_element_type().get_type_name()}")
+        return found
+
+    stem, body, classifier = layers[0], layers[1:-1], layers[-1]
+    assert classifier.get_type_name() == "MatMul"
+    for kept in (stem, classifier):
+        assert not any(p.startswith("FakeQuantize") or p == "Constant:i8" for p in producers(kept))
+    assert body and all("FakeQuantize:f32" in producers(conv) for conv in body)
+    assert all("Constant:i8" in producers(conv) for conv in body)
+
+
 @pytest.mark.parametrize("runtime", ["onnx", "openvino"])
 def test_check_export_passes_a_faithful_export(
     model: torch.nn.Module, onnx_file: Path, runtime: str, request: pytest.FixtureRequest
