@@ -35,6 +35,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -42,6 +43,9 @@ from torch import nn
 
 from model.files import staging_path, write_atomically
 from model.preprocessing import IMAGE_SIZE, normalize
+
+if TYPE_CHECKING:
+    import openvino as ov
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
@@ -125,6 +129,26 @@ def export_openvino(source: nn.Module | Path, path: Path) -> Path:
     return path
 
 
+def calibration_samples(images: torch.Tensor) -> list[np.ndarray]:
+    """What NNCF calibrates on: each uint8 image (3, H, W) of `images` as a batch of one,
+    then each mirror image (flipped along the width) the same way, 2N arrays in all."""
+    return [image[None].numpy() for image in torch.cat([images, images.flip(3)])]
+
+
+def int8_recipe(fp32: ov.Model) -> dict[str, Any]:
+    """`nncf.quantize`'s keyword arguments for the fp32 OpenVINO model `fp32`, besides the
+    data: recipe INT8_RECIPE_VERSION, as `quantize_openvino` describes it. The stem is the
+    first convolution in topological order; the linear layer is the graph's one MatMul."""
+    import nncf
+
+    stem = next(op for op in fp32.get_ordered_ops() if op.get_type_name() == "Convolution")
+    return {
+        "target_device": nncf.TargetDevice.CPU,
+        "fast_bias_correction": False,
+        "ignored_scope": nncf.IgnoredScope(names=[stem.get_friendly_name()], types=["MatMul"]),
+    }
+
+
 def quantize_openvino(source: Path, images: torch.Tensor, path: Path) -> Path:
     """Write the INT8 OpenVINO IR of the fp32 IR `source` to `path` (.xml, .bin beside it).
 
@@ -138,8 +162,9 @@ def quantize_openvino(source: Path, images: torch.Tensor, path: Path) -> Path:
     False`), which re-fits each layer's bias on the quantized network's own activations.
     The first convolution (the normalised image in, 3 channels) and the final linear layer
     (the pooled 64 features in) stay in floating point (`nncf.IgnoredScope`): they carry
-    under 1% of the multiply-adds, and keeping them cut the accuracy INT8 costs.
-    weights/MODEL_CARD.md gives the variants measured. The input and the in-graph
+    under 1% of the multiply-adds, and keeping them cut the accuracy INT8 costs
+    (`python -m benchmarks.int8_recipes` compares the variants; weights/MODEL_CARD.md has
+    the figures). The input and the in-graph
     normalisation stay as they are, so the IR is a drop-in replacement for the fp32 one.
     Files appear atomically, as in `export_openvino`. Raises ValueError for a wrong path or
     images that are not uint8 NCHW.
@@ -152,18 +177,10 @@ def quantize_openvino(source: Path, images: torch.Tensor, path: Path) -> Path:
         raise ValueError(f"OpenVINO IR path must end in .xml, got {path}")
     if images.dtype != torch.uint8 or images.ndim != 4 or len(images) == 0:
         raise ValueError(f"calibration images must be uint8 (N, 3, H, W), got {images.shape}")
-    samples = [image[None].numpy() for image in torch.cat([images, images.flip(3)])]
+    samples = calibration_samples(images)
     fp32 = ov.Core().read_model(source)
-    convolutions = [op for op in fp32.get_ordered_ops() if op.get_type_name() == "Convolution"]
     quantized = nncf.quantize(
-        fp32,
-        nncf.Dataset(samples),
-        target_device=nncf.TargetDevice.CPU,
-        subset_size=len(samples),
-        fast_bias_correction=False,
-        ignored_scope=nncf.IgnoredScope(
-            names=[convolutions[0].get_friendly_name()], types=["MatMul"]
-        ),
+        fp32, nncf.Dataset(samples), subset_size=len(samples), **int8_recipe(fp32)
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.stem}.") as staging:
