@@ -1,5 +1,6 @@
 """INT8 quantization recipes side by side: the project's recipe against recipe 1 (every layer
-INT8) and the other variants tried, on the same weights and the same calibration draws.
+INT8) and three variants between and beyond them, on the same weights and the same
+calibration draws.
 
     python -m benchmarks.int8_recipes --data ../shared/data/cifar10-train-jpeg.tar.gz
     python -m benchmarks.int8_recipes --data ... --draws 4 --variants every-layer project
@@ -21,7 +22,8 @@ are the pool that draw d takes `--calibration-size` images from (stratified, see
 the next `--held-out` are the KL set. So no draw is the shipped calibration file;
 `python -m model.evaluate --engine openvino --precision int8` measures that one. The
 summary gives each variant's mean over the draws and the project's KL as a ratio of
-recipe 1's. Exit status 1 if the project's mean difference misses the bar in either view.
+recipe 1's. Exit status 1 if the project's mean difference misses the bar in either view
+(judged only when `project` is among `--variants`).
 Float layers run at OpenVINO's default precision (bf16 on CPUs that have it), as served.
 """
 
@@ -32,16 +34,25 @@ import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from model.data import load_dataset, stratified_split
 from model.engines.base import EngineOptions
-from model.export import INT8_RECIPE_VERSION, cached_openvino, calibration_samples, int8_recipe
+from model.export import (
+    INT8_RECIPE_VERSION,
+    cached_openvino,
+    calibration_samples,
+    int8_recipe,
+    stem_convolution,
+)
 from model.inference import Run, logits
 from model.preprocessing import normalize
 from model.weights import load_checked
+
+if TYPE_CHECKING:
+    import openvino as ov
 
 BASELINE, PROJECT = "every-layer", "project"
 VARIANT_NAMES = (BASELINE, "stem-float", "linear-float", PROJECT, "project-no-overflow-fix")
@@ -57,15 +68,14 @@ class Row:
     mirrored: float
 
 
-def variants(fp32: Any) -> dict[str, dict[str, Any]]:
-    """name -> `nncf.quantize` keyword arguments for the fp32 `openvino.Model`."""
+def variants(fp32: ov.Model) -> dict[str, dict[str, Any]]:
+    """name -> `nncf.quantize` keyword arguments for the fp32 model `fp32`."""
     import nncf
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
 
+    every_layer = {"target_device": nncf.TargetDevice.CPU, "fast_bias_correction": False}
     project = int8_recipe(fp32)
-    every_layer = {key: value for key, value in project.items() if key != "ignored_scope"}
-    stem = next(op for op in fp32.get_ordered_ops() if op.get_type_name() == "Convolution")
-    stem_only = nncf.IgnoredScope(names=[stem.get_friendly_name()])
+    stem_only = nncf.IgnoredScope(names=[stem_convolution(fp32)])
     no_overflow_fix = AdvancedQuantizationParameters(overflow_fix=OverflowFix.DISABLE)
     return {
         BASELINE: every_layer,  # recipe 1
@@ -98,6 +108,11 @@ class Sets:
                 f"error: the training part has {len(shuffled)} images, fewer than --pool "
                 f"{args.pool} + --held-out {args.held_out}: lower them"
             )
+        if not 0 < args.calibration_size < args.pool:
+            raise SystemExit(
+                f"error: --calibration-size {args.calibration_size} must be between 1 and "
+                f"--pool {args.pool} - 1"
+            )
         pool = shuffled[: args.pool]
         held_out = shuffled[args.pool : args.pool + args.held_out]
         self.pool_images, self.pool_labels = dataset.images[pool], dataset.labels[pool]
@@ -121,10 +136,10 @@ def batched(run: Run, images: torch.Tensor, size: int = 500) -> torch.Tensor:
     return torch.cat([run(images[i : i + size]).float() for i in range(0, len(images), size)])
 
 
-def measure(name: str, draw: int, quantized: Any, sets: Sets) -> Row:
-    import openvino as ov
+def measure(name: str, draw: int, quantized: ov.Model, sets: Sets) -> Row:
+    import openvino
 
-    compiled = ov.Core().compile_model(quantized, "CPU")
+    compiled = openvino.Core().compile_model(quantized, "CPU")
 
     def run(images: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(compiled(images.contiguous().numpy())[0])

@@ -135,17 +135,25 @@ def calibration_samples(images: torch.Tensor) -> list[np.ndarray]:
     return [image[None].numpy() for image in torch.cat([images, images.flip(3)])]
 
 
+def stem_convolution(fp32: ov.Model) -> str:
+    """The name of the network's first convolution (topological order) in an OpenVINO model."""
+    return next(
+        op.get_friendly_name()
+        for op in fp32.get_ordered_ops()
+        if op.get_type_name() == "Convolution"
+    )
+
+
 def int8_recipe(fp32: ov.Model) -> dict[str, Any]:
     """`nncf.quantize`'s keyword arguments for the fp32 OpenVINO model `fp32`, besides the
-    data: recipe INT8_RECIPE_VERSION, as `quantize_openvino` describes it. The stem is the
-    first convolution in topological order; the linear layer is the graph's one MatMul."""
+    data: recipe INT8_RECIPE_VERSION, as `quantize_openvino` describes it. The linear layer
+    is the graph's one MatMul."""
     import nncf
 
-    stem = next(op for op in fp32.get_ordered_ops() if op.get_type_name() == "Convolution")
     return {
         "target_device": nncf.TargetDevice.CPU,
         "fast_bias_correction": False,
-        "ignored_scope": nncf.IgnoredScope(names=[stem.get_friendly_name()], types=["MatMul"]),
+        "ignored_scope": nncf.IgnoredScope(names=[stem_convolution(fp32)], types=["MatMul"]),
     }
 
 

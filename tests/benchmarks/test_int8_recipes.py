@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from benchmarks import int8_recipes
 from benchmarks.int8_recipes import BASELINE, PROJECT, Row, main, summary
 from model.preprocessing import CIFAR10_CLASSES
 
@@ -51,21 +52,21 @@ def test_a_small_run_prints_a_row_per_variant_and_draw(
 ) -> None:
     pytest.importorskip("nncf", reason="the recipes are NNCF's")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    # A random ResNet8 is no test of the bar (the summary's test is); let the run finish.
+    monkeypatch.setattr(int8_recipes, "BAR_POINTS", 100.0)
     argv = [
         "--weights", str(weights_file), "--data", str(tree), "--val-size", "20",
         "--pool", "50", "--held-out", "40", "--calibration-size", "10", "--draws", "2",
         "--variants", BASELINE, PROJECT, "--cache-dir", str(tmp_path / "engines"),
     ]  # fmt: skip
-    try:
-        rows = main(argv)
-    except SystemExit as exit_:  # a random ResNet8 may well miss the bar; the rows still print
-        assert exit_.code == 1
-        rows = None
+    rows = main(argv)
     printed = capsys.readouterr().out
     for draw in (0, 1):
         for name in (BASELINE, PROJECT):
             assert any(line.split()[:2] == [name, str(draw)] for line in printed.splitlines())
     assert "20 validation and 40 held-out training images" in printed
     assert f"against recipe 1 ({BASELINE})" in printed
-    if rows is not None:
-        assert len(rows) == 4 and all(row.kl_milli >= 0 for row in rows)
+    assert [(row.variant, row.draw) for row in rows] == [
+        (BASELINE, 0), (PROJECT, 0), (BASELINE, 1), (PROJECT, 1)
+    ]  # fmt: skip
+    assert all(row.kl_milli > 0 for row in rows)  # quantizing moves the probabilities
