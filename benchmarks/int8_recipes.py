@@ -118,12 +118,15 @@ class Sets:
         self.pool_images, self.pool_labels = dataset.images[pool], dataset.labels[pool]
         self.held_out = dataset.images[held_out]
         self.val_images, self.val_labels = dataset.images[val], dataset.labels[val]
+
+        def fp32(images: torch.Tensor) -> torch.Tensor:
+            return model(normalize(images))
+
         with torch.inference_mode():
-            self.held_out_fp32 = batched(lambda x: model(normalize(x)), self.held_out)
-            self.val_fp32 = batched(lambda x: model(normalize(x)), self.val_images)
+            self.held_out_fp32 = batched(fp32, self.held_out)
+            self.val_fp32 = batched(fp32, self.val_images)
             self.val_fp32_mirrored = batched(
-                lambda x: logits(lambda y: model(normalize(y)), x, mirror_tta=True),
-                self.val_images,
+                lambda x: logits(fp32, x, mirror_tta=True), self.val_images
             )
 
     def calibration(self, draw: int, size: int) -> torch.Tensor:
