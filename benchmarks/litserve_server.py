@@ -119,6 +119,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cache-dir", type=Path, default=Path("~/.cache/resnet-cifar10/engines"))
     parser.add_argument("--log-level", default="warning")
     parser.add_argument(
+        "--workers-per-device",
+        type=int,
+        default=1,
+        help="LitServe's inference worker processes (its counterpart of the service's "
+        "--instances); share the cores between them with --threads",
+    )
+    parser.add_argument(
         "--fast-queue",
         action="store_true",
         help="LitServe's ZeroMQ response queue (LitServer(fast_queue=True))",
@@ -129,7 +136,8 @@ def main(argv: list[str] | None = None) -> None:
         ClassifierAPI(args),
         accelerator="cpu",
         devices=1,
-        workers_per_device=1,  # one inference worker, as the service's one inference thread
+        # One inference worker by default, as the service's one model instance.
+        workers_per_device=args.workers_per_device,
         fast_queue=args.fast_queue,
     )
     server.run(

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
@@ -34,6 +35,22 @@ from service.web import mount_page
 logger = logging.getLogger("service")
 
 
+def engine_threads(settings: Settings) -> int:
+    """CPU threads for each instance's engine: `threads` (or, when 0, the cores this process
+    may use) shared equally between the instances, at least 1 each, so that their thread
+    teams do not fight over the same cores. One instance with threads 0 keeps 0: the
+    library's own default."""
+    if settings.instances == 1:
+        return settings.threads
+    if settings.threads:
+        cores = settings.threads
+    elif hasattr(os, "sched_getaffinity"):  # Linux: the cores this process may run on
+        cores = len(os.sched_getaffinity(0))
+    else:
+        cores = os.cpu_count() or 1
+    return max(1, cores // settings.instances)
+
+
 def engine_options(settings: Settings) -> EngineOptions:
     return EngineOptions(
         device=settings.device,
@@ -42,7 +59,7 @@ def engine_options(settings: Settings) -> EngineOptions:
         calibration_path=settings.calibration_path.expanduser(),
         compile=settings.compile,
         cuda_graphs=settings.cuda_graphs,
-        threads=settings.threads,
+        threads=engine_threads(settings),
     )
 
 

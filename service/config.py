@@ -111,8 +111,19 @@ class Settings(BaseSettings):
         "4 KiB) decode on the event loop, where they cost less than the hand-over to a "
         "decode thread; 0: every image goes to the decode threads.",
     )
+    instances: int = Field(
+        1,
+        ge=1,
+        le=16,
+        description="Model instances (Triton's instance count): copies of the engine, each on "
+        "its own inference thread, so that up to this many batches run at once; the "
+        "threads are shared equally between them.",
+    )
     threads: int = Field(
-        0, ge=0, description="CPU threads for the engine (0: one per core, the library default)."
+        0,
+        ge=0,
+        description="CPU threads for inference, shared equally between the instances (0: "
+        "one per core the process may use; with one instance, the library's default).",
     )
     compile: bool = Field(False, description="torch.compile the model (torch engine).")
     cuda_graphs: bool = Field(

@@ -12,9 +12,10 @@ One request's path, all bounded in memory and time:
 the same steps (`admitted`, `admit_more`, `decode`, `preprocess`, `infer`), so they share
 one queue limit, one batcher, the deadlines, the drain and the metrics.
 
-The Service owns the engine: it builds it and warms it up on the batcher's inference thread
-(`_load`), and hands the batcher a plain batch function (uint8 images -> class
-probabilities, through model.inference), so the batcher knows nothing of models.
+The Service owns the engines: it builds one per model instance (`settings.instances`) and
+warms it up on that instance's inference thread (`_load`), and hands the batcher a plain
+batch function (uint8 images -> class probabilities, through model.inference), so the
+batcher knows nothing of models.
 """
 
 from __future__ import annotations
@@ -107,13 +108,14 @@ class Service:
         self.settings = settings
         self.metrics = metrics
         self._engine_factory = engine_factory
-        self._engine: Engine | None = None
+        self._engine: Engine | None = None  # the first instance's, for /health and logs
         self.batcher: Batcher[torch.Tensor, Probabilities] = Batcher(
             self._load,
             max_batch_size=settings.max_batch_size,
             max_wait_ms=settings.max_wait_ms,
             queue_size=settings.queue_size,
             metrics=metrics,
+            instances=settings.instances,
         )
         # Decoding gets its own small pool (thumbnails excepted): off the event loop, too
         # few threads to starve the inference thread of cores, shared image by image.
@@ -156,11 +158,13 @@ class Service:
     # --- the engine -------------------------------------------------------------------
 
     def _load(self) -> Callable[[list[torch.Tensor]], list[Probabilities]]:
-        """On the inference thread (Batcher.start): build the engine, warm up every batch
-        size 1..max_batch_size (all can occur; engines that pad to a few sizes, like
-        compiled torch or CUDA graphs, warm only those), and return the batch function."""
+        """On an instance's inference thread (Batcher.start, once per instance): build an
+        engine, warm up every batch size 1..max_batch_size (all can occur; engines that pad
+        to a few sizes, like compiled torch or CUDA graphs, warm only those), and return the
+        batch function."""
         engine = self._engine_factory()
-        self._engine = engine  # from here on /health names it, while it warms up
+        if self._engine is None:
+            self._engine = engine  # from here on /health names it, while it warms up
         started = time.perf_counter()
         engine.warm_up(range(1, self.settings.max_batch_size + 1))
         logger.info(

@@ -93,6 +93,30 @@ def test_without_mirror_tta_the_plain_model_answers(weights_file: Path) -> None:
     asyncio.run(scenario())
 
 
+def test_two_model_instances_answer_concurrent_requests_as_one_does(weights_file: Path) -> None:
+    """Each instance is its own engine on its own thread; under concurrent requests both
+    serve batches, and every answer is still the model's for that image."""
+    images = [noise_image(32, 32, seed=seed) for seed in range(24)]
+
+    async def scenario() -> tuple[dict[str, object], list[dict[str, object]]]:
+        settings = settings_for(weights_file, instances=2, mirror_tta=False)
+        async with running(create_app(settings)) as client:
+            health = (await client.get("/health")).json()
+            responses = await asyncio.gather(
+                *(
+                    client.post("/predict", files={"file": ("a.png", image_bytes(im, "PNG"))})
+                    for im in images
+                )
+            )
+        return health, [response.json() for response in responses]
+
+    health, bodies = asyncio.run(scenario())
+    assert health["instances"] == 2
+    expected = reference_probabilities(weights_file, images, mirror_tta=False)
+    for body, probabilities in zip(bodies, expected, strict=True):
+        np.testing.assert_allclose(list(body["probabilities"].values()), probabilities, rtol=1e-4)
+
+
 def test_batch_without_files(client: TestClient) -> None:
     response = client.post("/predict/batch", files={"file": ("a.png", png())})
     assert response.status_code == 400
@@ -110,6 +134,7 @@ def test_health_reports_ready_with_model_and_batch_settings(
     assert body["model_name"] == "resnet8"
     assert (body["engine"], body["device"], body["precision"]) == ("torch", "cpu", "fp32")
     assert (body["max_batch_size"], body["max_wait_ms"]) == (8, 20)
+    assert body["instances"] == 1
     assert client.get("/health/live").json() == {"status": "alive"}
     engine = {"engine": "torch", "device": "cpu", "precision": "fp32"}
     assert metric(client.get("/metrics").text, "inference_engine_info", **engine) == 1
