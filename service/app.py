@@ -60,6 +60,8 @@ def engine_options(settings: Settings) -> EngineOptions:
         compile=settings.compile,
         cuda_graphs=settings.cuda_graphs,
         threads=engine_threads(settings),
+        # Engines pinning their threads would each pin to the same first cores.
+        cpu_pinning=settings.instances == 1,
     )
 
 

@@ -34,6 +34,9 @@ class EngineOptions:
     compile: bool = False  # torch.compile (torch engine)
     cuda_graphs: bool = False  # capture CUDA graphs per batch size (torch engine on CUDA)
     threads: int = 0  # CPU threads for the engine (0: library default)
+    # Whether the engine may pin its threads to cores (openvino). Off when several engines
+    # share the cores: each would pin its threads to the same first cores.
+    cpu_pinning: bool = True
 
 
 class Engine(ABC):

@@ -80,6 +80,8 @@ class OpenVinoEngine(Engine):
         }
         if options.threads:
             config[props.inference_num_threads] = options.threads
+        if not options.cpu_pinning:
+            config[hints.enable_cpu_pinning] = False
         self.compiled = core.compile_model(core.read_model(self.model_path), "CPU", config)
         # One request, reused: `run` is only ever called from the batcher's one thread.
         self.request = self.compiled.create_infer_request()
@@ -129,6 +131,7 @@ class OpenVinoEngine(Engine):
             "performance_hint": self.performance_hint,
             "threads": self.compiled.get_property(props.inference_num_threads),
             "streams": int(self.compiled.get_property(props.num_streams)),
+            "cpu_pinning": self.compiled.get_property(hints.enable_cpu_pinning),
             "openvino": ov.get_version(),
             "model_file": str(self.model_path),
         }

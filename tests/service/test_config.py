@@ -142,8 +142,9 @@ def test_instances_share_the_threads_so_their_teams_do_not_oversubscribe_the_cor
     monkeypatch: pytest.MonkeyPatch, instances: int, threads: int, cores: int, per_instance: int
 ) -> None:
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cores)), raising=False)
-    settings = Settings(instances=instances, threads=threads)
-    assert engine_options(settings).threads == per_instance
+    options = engine_options(Settings(instances=instances, threads=threads))
+    assert options.threads == per_instance
+    assert options.cpu_pinning == (instances == 1)  # pinned, instances would share a core
 
 
 # --- The engine tables: engine x device x precision -----------------------------------------
