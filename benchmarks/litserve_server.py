@@ -64,6 +64,8 @@ class ClassifierAPI(ls.LitAPI):
             precision=options.precision,
             cache_dir=options.cache_dir.expanduser(),
             threads=options.threads,
+            # As in the service: pinned, the workers' engines would share the first cores.
+            cpu_pinning=options.workers_per_device == 1,
         )
         self.engine = create_engine(options.engine, model, card, engine_options)
         # Every batch size may occur, as in the service's warm-up.

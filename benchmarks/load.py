@@ -55,7 +55,7 @@ must give 2x LitServe's throughput, with the shipped defaults 1.3x, and a p99 of
 `--profile DIR` records each server with py-spy (`pip install -e '.[bench]'`) during the
 measured run at the highest concurrency: `py-spy record --pid PID --subprocesses --threads
 --rate 100 --duration DURATION --format flamegraph` into `DIR/<server>-c<clients>.svg`, one
-flame graph per thread (event loop, decode thread, inference thread; LitServe's processes),
+flame graph per thread (event loop, decode thread, inference threads; LitServe's processes),
 idle stacks left out, so the widths are CPU time. `--profile-native` adds C/C++ frames (the
 model inside OpenVINO, PIL, the HTTP parser). py-spy needs ptrace rights on the server
 (root, or `--cap-add SYS_PTRACE` in a container, or kernel.yama.ptrace_scope=0); the

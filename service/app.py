@@ -1,8 +1,9 @@
 """The FastAPI application: `create_app(settings)` wires settings, lifespan, routes, errors.
 
-Start-up and shutdown live in the lifespan: it starts loading the model (on the inference
-thread) and warming it up in the background, so that the server opens its port at once and
-the health endpoints answer while the model loads; predictions are let in once it is ready.
+Start-up and shutdown live in the lifespan: it starts loading the model (on each model
+instance's inference thread) and warming it up in the background, so that the server opens
+its port at once and the health endpoints answer while the model loads; predictions are
+let in once it is ready.
 On the way out it waits until every admitted request is answered before the batcher and its
 threads stop.
 """
@@ -119,7 +120,8 @@ def create_app(
     settings: Settings | None = None,
     engine_factory: Callable[[], Engine] | None = None,
 ) -> FastAPI:
-    """The app. `engine_factory` builds the engine on the inference thread; by default it
+    """The app. `engine_factory` builds an engine, called once per model instance on that
+    instance's inference thread, and must return a new engine each time; by default it
     loads `settings.weights_path` (tests pass their own to inject slow or failing engines)."""
     settings = settings or Settings()
     metrics = Metrics(settings.max_batch_size)

@@ -32,7 +32,6 @@ items get the error (InferenceError) and the loop goes on with the next batch.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -119,7 +118,8 @@ class Batcher(Generic[In, Out]):
         self._queue: asyncio.Queue[_Item[In, Out]] = asyncio.Queue(maxsize=queue_size)
         self._metrics = metrics
         self._task: asyncio.Task[None] | None = None
-        self._instances: list[_Instance[In, Out]] = []
+        self._threads: list[ThreadPoolExecutor] = []  # one per instance, once started
+        self._instances: list[_Instance[In, Out]] = []  # those whose function is built
         self._idle: asyncio.Queue[_Instance[In, Out]] = asyncio.Queue()
         self._running: set[asyncio.Task[None]] = set()  # batches in flight
         self._forming = 0  # items taken off the queue into the batch being collected
@@ -143,33 +143,30 @@ class Batcher(Generic[In, Out]):
     async def start(self) -> None:
         """Build each instance's batch function on its inference thread (`load`, one
         instance after the other), then start batching. Whatever `load` raises is raised
-        here, and nothing is started."""
+        here and no batch is ever run; `stop` still joins the threads already started."""
         loop = asyncio.get_running_loop()
         for index in range(self.instances):
             thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"inference-{index}")
-            try:
-                function = await loop.run_in_executor(thread, self._load)
-            except BaseException:
-                thread.shutdown(wait=False)
-                raise
+            self._threads.append(thread)  # for stop() to join, even while it loads
+            function = await loop.run_in_executor(thread, self._load)
             instance = _Instance(thread, function)
             self._instances.append(instance)
             self._idle.put_nowait(instance)
         self._task = asyncio.create_task(self._serve(), name="batcher")
 
     async def stop(self) -> None:
-        """Stop batching; items still queued (none, after a drain) get BatcherStoppedError."""
-        for task in [self._task, *self._running]:
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        """Stop batching: batches in flight and items still queued (none, after a drain)
+        get BatcherStoppedError; then wait for the inference threads to finish what they
+        are running (off the event loop)."""
+        tasks = [task for task in (self._task, *self._running) if task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         while not self._queue.empty():
             item = self._queue.get_nowait()
             if not item.future.done():
                 item.future.set_exception(BatcherStoppedError("the service is shutting down"))
-        for instance in self._instances:
-            instance.thread.shutdown(wait=True)
+        await asyncio.gather(*(asyncio.to_thread(thread.shutdown) for thread in self._threads))
 
     def submit(self, payload: In, deadline: float) -> asyncio.Future[Result[Out]]:
         """Queue one item (`deadline`: a time.perf_counter() value); its future resolves to a
@@ -257,10 +254,14 @@ class Batcher(Generic[In, Out]):
         return outputs, time.perf_counter() - started
 
     async def _run_batch(self, instance: _Instance[In, Out], batch: list[_Item[In, Out]]) -> None:
-        """Run one batch on `instance` and answer its items; the instance is free again after."""
+        """Run one batch on `instance` and answer its items; the instance is free again after.
+        Whatever happens, no item of the batch is left without an answer."""
         try:
             await self._answer(instance, batch)
         finally:
+            for item in batch:  # only if _answer itself broke (it answers every error)
+                if not item.future.done():
+                    item.future.set_exception(InferenceError("the batch was abandoned"))
             self._idle.put_nowait(instance)
 
     async def _answer(self, instance: _Instance[In, Out], batch: list[_Item[In, Out]]) -> None:

@@ -180,6 +180,27 @@ class Settings(BaseSettings):
         return precision
 
     @model_validator(mode="after")
+    def _instances_fit(self) -> Settings:
+        """Refuse model instances that would share a GPU or have no thread of their own."""
+        if self.instances == 1:
+            return self
+        if self.device.startswith("cuda") or self.compile or self.cuda_graphs:
+            raise PydanticCustomError(
+                "instances_cpu_only",
+                "model instances are for the CPU (their copies would queue on one GPU's "
+                "stream, and compiled graphs are not shared between threads): set "
+                "--instances 1, or --device cpu without --compile and --cuda-graphs",
+            )
+        if 0 < self.threads < self.instances:
+            raise PydanticCustomError(
+                "instances_threads",
+                f"{self.instances} instances need at least one thread each, and threads is "
+                f"{self.threads}: set --threads to at least {self.instances} (or 0: one per "
+                "CPU), or fewer --instances",
+            )
+        return self
+
+    @model_validator(mode="after")
     def _engine_runs_on_device(self) -> Settings:
         """Refuse a device the chosen engine cannot run on (openvino on cuda). After the
         fields, so that a precision refused on that device is reported as such first."""

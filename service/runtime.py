@@ -118,7 +118,7 @@ class Service:
             instances=settings.instances,
         )
         # Decoding gets its own small pool (thumbnails excepted): off the event loop, too
-        # few threads to starve the inference thread of cores, shared image by image.
+        # few threads to starve the inference threads of cores, shared image by image.
         self._decoder = DecodePool(
             settings.decode_threads, settings.max_pixels, settings.inline_decode_max_pixels
         )
@@ -130,7 +130,8 @@ class Service:
         self._idle.set()
 
     async def start(self) -> None:
-        """Load and warm up the engine (on the inference thread), then accept requests.
+        """Load and warm up the engines (each on its instance's inference thread), then accept
+        requests.
 
         The app runs this in the background while the port is already open, so that the
         health endpoints answer throughout: state "starting" until here, then "ready", or
@@ -183,7 +184,7 @@ class Service:
 
     @property
     def loaded(self) -> bool:
-        """Whether the engine has been built (warm-up may still be running)."""
+        """Whether the (first instance's) engine has been built (warm-up may still be running)."""
         return self._engine is not None
 
     @property
@@ -193,7 +194,8 @@ class Service:
 
     @property
     def engine(self) -> Engine:
-        """The engine, once built (RuntimeError before: check `loaded`)."""
+        """The first instance's engine, once built (RuntimeError before: check `loaded`); the
+        other instances' are copies of it, built from the same settings."""
         if self._engine is None:
             raise RuntimeError("the engine has not been built yet")
         return self._engine

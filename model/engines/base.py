@@ -1,9 +1,10 @@
 """The interface every inference engine implements.
 
-The service (service/runtime.py) builds the engine, calls `warm_up` once at start-up and
-`run` once per batch (twice with mirror TTA, see model/inference.py), always from the
-batcher's one long-lived inference thread (see service/batcher.py: OpenMP thread teams
-created per thread fight over the cores, so one thread does all inference).
+The service (service/runtime.py) builds one engine per model instance, calls `warm_up` once
+at start-up and `run` once per batch (twice with mirror TTA, see model/inference.py), always
+from the instance's one long-lived inference thread that built it (see service/batcher.py:
+OpenMP thread teams created per thread fight over the cores, so one thread does all of an
+engine's inference).
 """
 
 from __future__ import annotations

@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from model.engines import Engine
 from model.preprocessing import CIFAR10_CLASSES
 from model.weights import sha256_of
-from service.app import create_app
+from service.app import create_app, load_engine
 from tests.support.images import image_bytes, noise_image, png
 from tests.support.reference import reference_probabilities
 from tests.support.service import metric, running, settings_for
@@ -94,14 +99,30 @@ def test_without_mirror_tta_the_plain_model_answers(weights_file: Path) -> None:
 
 
 def test_two_model_instances_answer_concurrent_requests_as_one_does(weights_file: Path) -> None:
-    """Each instance is its own engine on its own thread; under concurrent requests both
+    """Each instance is its own engine, run on its own thread; under concurrent requests both
     serve batches, and every answer is still the model's for that image."""
-    images = [noise_image(32, 32, seed=seed) for seed in range(24)]
+    images = [noise_image(32, 32, seed=seed) for seed in range(48)]
+    settings = settings_for(weights_file, instances=2, mirror_tta=False)
+    engines: list[Engine] = []
+    threads: set[str] = set()
 
-    async def scenario() -> tuple[dict[str, object], list[dict[str, object]]]:
-        settings = settings_for(weights_file, instances=2, mirror_tta=False)
-        async with running(create_app(settings)) as client:
+    def factory() -> Engine:
+        engine = load_engine(settings)
+        run = engine.run
+
+        def run_and_record(batch: torch.Tensor) -> torch.Tensor:
+            threads.add(threading.current_thread().name)
+            time.sleep(0.01)  # a slower model, so that batches overlap
+            return run(batch)
+
+        setattr(engine, "run", run_and_record)  # noqa: B010 (mypy refuses assigning a method)
+        engines.append(engine)
+        return engine
+
+    async def scenario() -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        async with running(create_app(settings, factory)) as client:
             health = (await client.get("/health")).json()
+            threads.clear()  # the warm-up ran on both threads: count serving only
             responses = await asyncio.gather(
                 *(
                     client.post("/predict", files={"file": ("a.png", image_bytes(im, "PNG"))})
@@ -112,6 +133,7 @@ def test_two_model_instances_answer_concurrent_requests_as_one_does(weights_file
 
     health, bodies = asyncio.run(scenario())
     assert health["instances"] == 2
+    assert len({id(engine) for engine in engines}) == 2 and len(threads) == 2
     expected = reference_probabilities(weights_file, images, mirror_tta=False)
     for body, probabilities in zip(bodies, expected, strict=True):
         np.testing.assert_allclose(list(body["probabilities"].values()), probabilities, rtol=1e-4)

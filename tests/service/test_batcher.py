@@ -144,6 +144,12 @@ def test_a_batch_function_that_answers_the_wrong_number_of_items_fails_the_batch
     asyncio.run(scenario())
 
 
+async def _until(condition: Callable[[], bool], timeout_s: float = 5) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not condition():
+            await asyncio.sleep(0.001)
+
+
 class _Gate:
     """A batch function that holds every batch until released, counting batches in flight."""
 
@@ -179,8 +185,7 @@ def _run_two_batches_while_held(instances: int) -> tuple[_Gate, list[Result[str]
         await batcher.start()
         try:
             futures = [batcher.submit(word, time.perf_counter() + 30) for word in "abcdefgh"]
-            while gate.running < instances:  # every instance has taken a batch
-                await asyncio.sleep(0.001)
+            await _until(lambda: gate.running == instances)  # every instance took a batch
             await asyncio.sleep(0.05)  # time for a wrongly started extra batch to show up
             gate.release.set()
             return await asyncio.gather(*futures)
@@ -207,22 +212,23 @@ def test_two_instances_run_two_batches_at_once_each_on_the_thread_that_built_it(
     assert [result.batch_size for result in results] == [4] * 8
 
 
-def test_stopping_answers_every_batch_in_flight_on_every_instance() -> None:
+def test_stopping_answers_every_batch_in_flight_and_every_queued_item() -> None:
     gate = _Gate()
 
     async def scenario() -> list[BaseException | Result[str]]:
         batcher = _batcher(gate.load, instances=2)
         await batcher.start()
-        futures = [batcher.submit(word, time.perf_counter() + 30) for word in "abcdefgh"]
-        while gate.running < 2:
-            await asyncio.sleep(0.001)
-        stopping = asyncio.create_task(batcher.stop())
-        await asyncio.sleep(0.05)
-        gate.release.set()  # let the threads finish, so that stop() can join them
-        await stopping
+        words = "abcdefghijkl"  # two batches of 4 in flight, 4 items queued behind them
+        futures = [batcher.submit(word, time.perf_counter() + 30) for word in words]
+        await _until(lambda: gate.running == 2)
+        # The threads finish their batches only later: stop() must not wait for them
+        # before answering, and must not block the event loop while it joins them.
+        threading.Timer(0.2, gate.release.set).start()
+        await batcher.stop()
         return await asyncio.gather(*futures, return_exceptions=True)
 
     outcomes = asyncio.run(scenario())
+    assert len(outcomes) == 12
     assert all(isinstance(outcome, BatcherStoppedError) for outcome in outcomes)
 
 

@@ -129,6 +129,22 @@ def test_a_bad_value_is_refused_naming_its_setting(bad: dict[str, Any]) -> None:
 
 
 @pytest.mark.parametrize(
+    "bad",
+    [
+        {"instances": 2, "device": "cuda"},
+        {"instances": 2, "compile": True},
+        {"instances": 2, "cuda_graphs": True},
+        {"instances": 3, "threads": 2},
+    ],
+    ids=["cuda", "compile", "cuda-graphs", "fewer-threads"],
+)
+def test_instances_are_refused_where_they_cannot_work_naming_the_fix(bad: dict[str, Any]) -> None:
+    with pytest.raises(ValidationError, match="--instances"):
+        Settings(**bad)
+    Settings(**(bad | {"instances": 1}))  # the same settings with one instance are fine
+
+
+@pytest.mark.parametrize(
     ("instances", "threads", "cores", "per_instance"),
     [
         (1, 0, 8, 0),  # one instance: the library's default, whatever the cores
@@ -136,6 +152,7 @@ def test_a_bad_value_is_refused_naming_its_setting(bad: dict[str, Any]) -> None:
         (2, 0, 8, 4),  # the cores this process may use, shared
         (2, 4, 8, 2),  # the threads asked for (e.g. a pod's CPU limit), shared
         (3, 0, 2, 1),  # never 0 threads: at least one each
+        (2, 5, 8, 2),  # a thread left over stays unused
     ],
 )
 def test_instances_share_the_threads_so_their_teams_do_not_oversubscribe_the_cores(
