@@ -119,7 +119,6 @@ class Batcher(Generic[In, Out]):
         self._metrics = metrics
         self._task: asyncio.Task[None] | None = None
         self._threads: list[ThreadPoolExecutor] = []  # one per instance, once started
-        self._instances: list[_Instance[In, Out]] = []  # those whose function is built
         self._idle: asyncio.Queue[_Instance[In, Out]] = asyncio.Queue()
         self._running: set[asyncio.Task[None]] = set()  # batches in flight
         self._forming = 0  # items taken off the queue into the batch being collected
@@ -149,9 +148,7 @@ class Batcher(Generic[In, Out]):
             thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"inference-{index}")
             self._threads.append(thread)  # for stop() to join, even while it loads
             function = await loop.run_in_executor(thread, self._load)
-            instance = _Instance(thread, function)
-            self._instances.append(instance)
-            self._idle.put_nowait(instance)
+            self._idle.put_nowait(_Instance(thread, function))
         self._task = asyncio.create_task(self._serve(), name="batcher")
 
     async def stop(self) -> None:
