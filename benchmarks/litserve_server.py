@@ -64,8 +64,6 @@ class ClassifierAPI(ls.LitAPI):
             precision=options.precision,
             cache_dir=options.cache_dir.expanduser(),
             threads=options.threads,
-            # As in the service: pinned, the workers' engines would share the first cores.
-            cpu_pinning=options.workers_per_device == 1,
         )
         self.engine = create_engine(options.engine, model, card, engine_options)
         # Every batch size may occur, as in the service's warm-up.
@@ -121,13 +119,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cache-dir", type=Path, default=Path("~/.cache/resnet-cifar10/engines"))
     parser.add_argument("--log-level", default="warning")
     parser.add_argument(
-        "--workers-per-device",
-        type=int,
-        default=1,
-        help="LitServe's inference worker processes (its counterpart of the service's "
-        "--instances); share the cores between them with --threads",
-    )
-    parser.add_argument(
         "--fast-queue",
         action="store_true",
         help="LitServe's ZeroMQ response queue (LitServer(fast_queue=True))",
@@ -138,8 +129,7 @@ def main(argv: list[str] | None = None) -> None:
         ClassifierAPI(args),
         accelerator="cpu",
         devices=1,
-        # One inference worker by default, as the service's one model instance.
-        workers_per_device=args.workers_per_device,
+        workers_per_device=1,  # one inference worker, as the service's one inference thread
         fast_queue=args.fast_queue,
     )
     server.run(

@@ -2,8 +2,7 @@
 or (`--compare engines`) the service on its fastest CPU engine against the torch engine,
 or (`--compare proxy`) one replica behind the shipped nginx configuration (deploy/nginx,
 run by the system's nginx as in deploy/proxy.py) against the same replica alone,
-or (`--compare litserve`) the service against LitServe serving the same model,
-or (`--compare instances`) the service with `--instances N` model instances against one.
+or (`--compare litserve`) the service against LitServe serving the same model.
 
     python -m benchmarks.load                       # trained weights, wrk if installed
     python -m benchmarks.load --engine torch        # batching on/off, torch engine
@@ -11,7 +10,6 @@ or (`--compare instances`) the service with `--instances N` model instances agai
     python -m benchmarks.load --compare mirror-tta  # what averaging with the mirror costs
     python -m benchmarks.load --compare proxy       # one replica behind nginx vs bare
     python -m benchmarks.load --compare int8        # --precision int8 against auto
-    python -m benchmarks.load --compare instances --instances 2   # 2 model instances vs 1
     python -m benchmarks.load --compare litserve --no-mirror-tta   # the peer, equal work
     python -m benchmarks.load --compare litserve --precision int8  # both on the INT8 model
     python -m benchmarks.load --no-mirror-tta       # any comparison, services without it
@@ -55,7 +53,7 @@ must give 2x LitServe's throughput, with the shipped defaults 1.3x, and a p99 of
 `--profile DIR` records each server with py-spy (`pip install -e '.[bench]'`) during the
 measured run at the highest concurrency: `py-spy record --pid PID --subprocesses --threads
 --rate 100 --duration DURATION --format flamegraph` into `DIR/<server>-c<clients>.svg`, one
-flame graph per thread (event loop, decode thread, inference threads; LitServe's processes),
+flame graph per thread (event loop, decode thread, inference thread; LitServe's processes),
 idle stacks left out, so the widths are CPU time. `--profile-native` adds C/C++ frames (the
 model inside OpenVINO, PIL, the HTTP parser). py-spy needs ptrace rights on the server
 (root, or `--cap-add SYS_PTRACE` in a container, or kernel.yama.ptrace_scope=0); the
@@ -484,7 +482,7 @@ def main() -> int:
     parser.add_argument("--random-depth", type=int, help="serve a random ResNet of this depth")
     parser.add_argument(
         "--compare",
-        choices=["batching", "engines", "mirror-tta", "proxy", "int8", "litserve", "instances"],
+        choices=["batching", "engines", "mirror-tta", "proxy", "int8", "litserve"],
         default="batching",
         help="batching: --engine with batching on and off (need 3x, p99 no worse); "
         "engines: the two --engines, both batching (need 2x); mirror-tta: --engine "
@@ -492,8 +490,6 @@ def main() -> int:
         "proxy: --engine batching behind deploy/nginx against bare (need >= 0.95x: "
         "issue 14's 5%% bound on the guard's cost); "
         "int8: --engine batching with --precision int8 and with --precision (no criterion); "
-        "instances: --engine batching with --instances model instances and with one (no "
-        "criterion); "
         "litserve: the service against LitServe with the same engine and settings (need "
         "2x with --no-mirror-tta, 1.3x with mirror TTA, p99 <= 100 ms)",
     )
@@ -530,9 +526,6 @@ def main() -> int:
         "--profile-native", action="store_true", help="with --profile: C/C++ frames too"
     )
     parser.add_argument("--threads", type=int, default=0, help="service --threads")
-    parser.add_argument(
-        "--instances", type=int, default=2, help="instances mode: the count set against 1"
-    )
     parser.add_argument("--max-batch-size", type=int, default=64)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
@@ -586,13 +579,6 @@ def main() -> int:
         elif args.compare == "int8":  # issue 17: what the INT8 model gains end to end
             same = [*common, "--engine", args.engine, *batching]
             configs = {"int8": [*same, "--precision", "int8"], args.precision: same}
-            need_ratio, need_p99 = None, False
-        elif args.compare == "instances":  # issue 17: batches in flight on split cores
-            same = [*common, "--engine", args.engine, *batching]
-            configs = {
-                f"instances-{args.instances}": [*same, "--instances", str(args.instances)],
-                "instances-1": [*same, "--instances", "1"],
-            }
             need_ratio, need_p99 = None, False
         elif args.compare == "litserve":  # issue 17: the peer framework, same model and work
             same = [*common, "--engine", args.engine, *batching]

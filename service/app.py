@@ -1,9 +1,8 @@
 """The FastAPI application: `create_app(settings)` wires settings, lifespan, routes, errors.
 
-Start-up and shutdown live in the lifespan: it starts loading the model (on each model
-instance's inference thread) and warming it up in the background, so that the server opens
-its port at once and the health endpoints answer while the model loads; predictions are
-let in once it is ready.
+Start-up and shutdown live in the lifespan: it starts loading the model (on the inference
+thread) and warming it up in the background, so that the server opens its port at once and
+the health endpoints answer while the model loads; predictions are let in once it is ready.
 On the way out it waits until every admitted request is answered before the batcher and its
 threads stop.
 """
@@ -14,7 +13,6 @@ import asyncio
 import contextlib
 import gc
 import logging
-import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
@@ -36,22 +34,6 @@ from service.web import mount_page
 logger = logging.getLogger("service")
 
 
-def engine_threads(settings: Settings) -> int:
-    """CPU threads for each instance's engine: `threads` (or, when 0, the cores this process
-    may use) shared equally between the instances, at least 1 each, so that their thread
-    teams do not fight over the same cores. One instance with threads 0 keeps 0: the
-    library's own default."""
-    if settings.instances == 1:
-        return settings.threads
-    if settings.threads:
-        cores = settings.threads
-    elif hasattr(os, "sched_getaffinity"):  # Linux: the cores this process may run on
-        cores = len(os.sched_getaffinity(0))
-    else:
-        cores = os.cpu_count() or 1
-    return max(1, cores // settings.instances)
-
-
 def engine_options(settings: Settings) -> EngineOptions:
     return EngineOptions(
         device=settings.device,
@@ -60,9 +42,7 @@ def engine_options(settings: Settings) -> EngineOptions:
         calibration_path=settings.calibration_path.expanduser(),
         compile=settings.compile,
         cuda_graphs=settings.cuda_graphs,
-        threads=engine_threads(settings),
-        # Engines pinning their threads would each pin to the same first cores.
-        cpu_pinning=settings.instances == 1,
+        threads=settings.threads,
     )
 
 
@@ -120,8 +100,7 @@ def create_app(
     settings: Settings | None = None,
     engine_factory: Callable[[], Engine] | None = None,
 ) -> FastAPI:
-    """The app. `engine_factory` builds an engine, called once per model instance on that
-    instance's inference thread, and must return a new engine each time; by default it
+    """The app. `engine_factory` builds the engine on the inference thread; by default it
     loads `settings.weights_path` (tests pass their own to inject slow or failing engines)."""
     settings = settings or Settings()
     metrics = Metrics(settings.max_batch_size)

@@ -1,10 +1,9 @@
-"""Dynamic batching: LitServe's loop, on asyncio, with long-lived inference threads.
+"""Dynamic batching: LitServe's loop, on asyncio, with one dedicated inference thread.
 
-    submit(item) -> queue -> wait for a free model instance
-                 -> collect until max_batch_size, or max_wait after the first item,
-                    or sooner when the caller expects no more items (`expect`)
+    submit(item) -> queue -> collect until max_batch_size, or max_wait after the first item,
+                             or sooner when the caller expects no more items (`expect`)
                  -> drop items whose client left or whose deadline passed
-                 -> that instance's batch function (list of items -> one output per item)
+                 -> batch function (list of items -> one output per item)
                  -> answer each item's future
 
 The batcher knows nothing of models: it batches whatever items it is given and calls the
@@ -12,26 +11,21 @@ batch function it was given (as LitServe's batched loop and BentoML's CorkDispat
 What a forward pass means (engine, test-time augmentation, softmax) is the caller's
 business: service.runtime builds the function, with model.inference.
 
-The collecting runs on the event loop; each model instance (Triton's term: a copy of the
-model with its own execution thread) is one batch function built by `load` on ONE
-long-lived thread, which then makes every call of it. One thread per instance is for torch
-and the other engines: each thread that runs torch gets its own OpenMP thread team, and
-teams in different threads fight over the cores, so a forward pass from a fresh thread pool
-is several times slower on a small CPU box than one from a single thread that built the
-engine and does all its inference.
+The collecting runs on the event loop; the batch function, and the factory that builds it,
+run on ONE long-lived thread. This is for torch and the other engines: each thread that
+runs torch gets its own OpenMP thread team, and teams in different threads fight over the
+cores, so a forward pass from a fresh thread pool is several times slower on a small CPU
+box than one from a single thread that built the engine and does all inference.
 
-With one instance (the default) a batch is collected only once the previous one has
-finished; with several, up to that many batches are in flight, each on a free instance, so
-a CPU's cores can be split between instances that never wait for one another.
-
-While every instance is busy, new items pile up in the queue, so under load the next batch
-fills at once: batches grow with the load without any tuning. If a batch fails, all of its
-items get the error (InferenceError) and the loop goes on with the next batch.
+While a batch runs, new items pile up in the queue, so under load the next batch fills at
+once: batches grow with the load without any tuning. If a batch fails, all of its items
+get the error (InferenceError) and the loop goes on with the next batch.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -84,20 +78,11 @@ class _Item(Generic[In, Out]):
     enqueued_at: float = field(default_factory=time.perf_counter)
 
 
-@dataclass(frozen=True)
-class _Instance(Generic[In, Out]):
-    """One model instance: its inference thread and the batch function built there."""
-
-    thread: ThreadPoolExecutor
-    function: BatchFunction[In, Out]
-
-
 class Batcher(Generic[In, Out]):
-    """One worker for one device: a bounded queue, a collecting task, and `instances` model
-    instances, each a batch function on its own inference thread.
+    """One worker for one device: a bounded queue, a collecting task, an inference thread.
 
-    `load` builds one instance's batch function; `start` calls it once on each inference
-    thread, which then makes every call of that function."""
+    `load` builds the batch function; `start` calls it on the inference thread, which then
+    makes every call of the function."""
 
     def __init__(
         self,
@@ -107,20 +92,15 @@ class Batcher(Generic[In, Out]):
         max_wait_ms: float,
         queue_size: int,
         metrics: Metrics,
-        instances: int = 1,
     ) -> None:
-        if instances < 1:
-            raise ValueError(f"instances must be at least 1, not {instances}")
         self._load = load
-        self.instances = instances
         self.max_batch_size = max_batch_size
         self._max_wait_s = max_wait_ms / 1000
         self._queue: asyncio.Queue[_Item[In, Out]] = asyncio.Queue(maxsize=queue_size)
         self._metrics = metrics
+        self._executor: ThreadPoolExecutor | None = None
         self._task: asyncio.Task[None] | None = None
-        self._threads: list[ThreadPoolExecutor] = []  # one per instance, once started
-        self._idle: asyncio.Queue[_Instance[In, Out]] = asyncio.Queue()
-        self._running: set[asyncio.Task[None]] = set()  # batches in flight
+        self._function: BatchFunction[In, Out] | None = None
         self._forming = 0  # items taken off the queue into the batch being collected
         self._expected = 0  # items the caller announced and has not submitted yet
         metrics.track_queue_depth(lambda: self.depth)
@@ -140,30 +120,25 @@ class Batcher(Generic[In, Out]):
         self._expected += items
 
     async def start(self) -> None:
-        """Build each instance's batch function on its inference thread (`load`, one
-        instance after the other), then start batching. Whatever `load` raises is raised
-        here and no batch is ever run; `stop` still joins the threads already started."""
+        """Build the batch function on the inference thread (`load`), then start batching.
+        Whatever `load` raises is raised here, and nothing is started."""
         loop = asyncio.get_running_loop()
-        for index in range(self.instances):
-            thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"inference-{index}")
-            self._threads.append(thread)  # for stop() to join, even while it loads
-            function = await loop.run_in_executor(thread, self._load)
-            self._idle.put_nowait(_Instance(thread, function))
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        self._function = await loop.run_in_executor(self._executor, self._load)
         self._task = asyncio.create_task(self._serve(), name="batcher")
 
     async def stop(self) -> None:
-        """Stop batching: batches in flight and items still queued (none, after a drain)
-        get BatcherStoppedError; then wait for the inference threads to finish what they
-        are running (off the event loop)."""
-        tasks = [task for task in (self._task, *self._running) if task is not None]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        """Stop batching; items still queued (none, after a drain) get BatcherStoppedError."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
         while not self._queue.empty():
             item = self._queue.get_nowait()
             if not item.future.done():
                 item.future.set_exception(BatcherStoppedError("the service is shutting down"))
-        await asyncio.gather(*(asyncio.to_thread(thread.shutdown) for thread in self._threads))
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
 
     def submit(self, payload: In, deadline: float) -> asyncio.Future[Result[Out]]:
         """Queue one item (`deadline`: a time.perf_counter() value); its future resolves to a
@@ -180,20 +155,12 @@ class Batcher(Generic[In, Out]):
 
     async def _serve(self) -> None:
         while True:
-            instance = await self._idle.get()
             try:
                 batch = await self._collect()
-            except BaseException:
-                self._idle.put_nowait(instance)
-                raise
             finally:
                 self._forming = 0
-            if not batch:
-                self._idle.put_nowait(instance)
-                continue
-            task = asyncio.create_task(self._run_batch(instance, batch), name="batch")
-            self._running.add(task)
-            task.add_done_callback(self._running.discard)
+            if batch:
+                await self._run_batch(batch)
 
     def _still_wanted(self, item: _Item[In, Out], now: float) -> bool:
         """Whether a queued item still deserves a place in a batch."""
@@ -241,27 +208,16 @@ class Batcher(Generic[In, Out]):
             raise
         return batch
 
-    @staticmethod
-    def _call(function: BatchFunction[In, Out], payloads: list[In]) -> tuple[Sequence[Out], float]:
-        """On an inference thread: its batch function, timed and checked."""
+    def _call(self, payloads: list[In]) -> tuple[Sequence[Out], float]:
+        """On the inference thread: the batch function, timed and checked."""
+        assert self._function is not None  # start() built it before any batch
         started = time.perf_counter()
-        outputs = function(payloads)
+        outputs = self._function(payloads)
         if len(outputs) != len(payloads):
             raise RuntimeError(f"{len(outputs)} outputs for a batch of {len(payloads)} items")
         return outputs, time.perf_counter() - started
 
-    async def _run_batch(self, instance: _Instance[In, Out], batch: list[_Item[In, Out]]) -> None:
-        """Run one batch on `instance` and answer its items; the instance is free again after.
-        Whatever happens, no item of the batch is left without an answer."""
-        try:
-            await self._answer(instance, batch)
-        finally:
-            for item in batch:  # only if _answer itself broke (it answers every error)
-                if not item.future.done():
-                    item.future.set_exception(InferenceError("the batch was abandoned"))
-            self._idle.put_nowait(instance)
-
-    async def _answer(self, instance: _Instance[In, Out], batch: list[_Item[In, Out]]) -> None:
+    async def _run_batch(self, batch: list[_Item[In, Out]]) -> None:
         started = time.perf_counter()
         for item in batch:
             self._metrics.queue_wait.observe(started - item.enqueued_at)
@@ -269,7 +225,7 @@ class Batcher(Generic[In, Out]):
         loop = asyncio.get_running_loop()
         try:
             outputs, seconds = await loop.run_in_executor(
-                instance.thread, self._call, instance.function, [item.payload for item in batch]
+                self._executor, self._call, [item.payload for item in batch]
             )
         except asyncio.CancelledError:  # stop() during a batch: answer, then stop
             for item in batch:

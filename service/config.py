@@ -111,19 +111,8 @@ class Settings(BaseSettings):
         "4 KiB) decode on the event loop, where they cost less than the hand-over to a "
         "decode thread; 0: every image goes to the decode threads.",
     )
-    instances: int = Field(
-        1,
-        ge=1,
-        le=16,
-        description="Model instances (Triton's instance count): copies of the engine, each on "
-        "its own inference thread, so that up to this many batches run at once; the "
-        "threads are shared equally between them.",
-    )
     threads: int = Field(
-        0,
-        ge=0,
-        description="CPU threads for inference, shared equally between the instances (0: "
-        "one per core the process may use; with one instance, the library's default).",
+        0, ge=0, description="CPU threads for the engine (0: one per core, the library default)."
     )
     compile: bool = Field(False, description="torch.compile the model (torch engine).")
     cuda_graphs: bool = Field(
@@ -178,27 +167,6 @@ class Settings(BaseSettings):
         if problem is not None:
             raise PydanticCustomError("precision_engine", problem)
         return precision
-
-    @model_validator(mode="after")
-    def _instances_fit(self) -> Settings:
-        """Refuse model instances that would share a GPU or have no thread of their own."""
-        if self.instances == 1:
-            return self
-        if self.device.startswith("cuda") or self.compile or self.cuda_graphs:
-            raise PydanticCustomError(
-                "instances_cpu_only",
-                "model instances are for the CPU (their copies would queue on one GPU's "
-                "stream, and compiled graphs are not shared between threads): set "
-                "--instances 1, or --device cpu without --compile and --cuda-graphs",
-            )
-        if 0 < self.threads < self.instances:
-            raise PydanticCustomError(
-                "instances_threads",
-                f"{self.instances} instances need at least one thread each, and threads is "
-                f"{self.threads}: set --threads to at least {self.instances} (or 0: one per "
-                "CPU), or fewer --instances",
-            )
-        return self
 
     @model_validator(mode="after")
     def _engine_runs_on_device(self) -> Settings:

@@ -63,7 +63,7 @@ class Metrics:
         )
         self.inference_time = Histogram(
             "inference_batch_duration_seconds",
-            "Time of one batch on an inference thread (stack, forward pass, softmax).",
+            "Time of one batch on the inference thread (stack, forward pass, softmax).",
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )

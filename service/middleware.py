@@ -43,7 +43,7 @@ class RequestContextMiddleware:
         started = time.perf_counter()
         given = Headers(scope=scope).get("x-request-id", "")
         # A random 128-bit id. Not uuid4(): its os.urandom call releases the GIL, and on a
-        # busy box getting the GIL back from the inference threads delays every request.
+        # busy box getting the GIL back from the inference thread delays every request.
         request_id = given if _SAFE_REQUEST_ID.match(given) else f"{random.getrandbits(128):032x}"
         scope.setdefault("state", {})["request_id"] = request_id
         status = 500  # if the app raises before answering, the error middleware sends a 500

@@ -122,7 +122,6 @@ async def health(service: ServiceDep) -> JSONResponse:
         device=engine.device if engine else None,
         precision=engine.precision if engine else None,
         mirror_tta=service.settings.mirror_tta,
-        instances=service.settings.instances,
         max_batch_size=service.settings.max_batch_size,
         max_wait_ms=service.settings.max_wait_ms,
         queue_size=service.settings.queue_size,

@@ -12,10 +12,9 @@ One request's path, all bounded in memory and time:
 the same steps (`admitted`, `admit_more`, `decode`, `preprocess`, `infer`), so they share
 one queue limit, one batcher, the deadlines, the drain and the metrics.
 
-The Service owns the engines: it builds one per model instance (`settings.instances`) and
-warms it up on that instance's inference thread (`_load`), and hands the batcher a plain
-batch function (uint8 images -> class probabilities, through model.inference), so the
-batcher knows nothing of models.
+The Service owns the engine: it builds it and warms it up on the batcher's inference thread
+(`_load`), and hands the batcher a plain batch function (uint8 images -> class
+probabilities, through model.inference), so the batcher knows nothing of models.
 """
 
 from __future__ import annotations
@@ -108,17 +107,16 @@ class Service:
         self.settings = settings
         self.metrics = metrics
         self._engine_factory = engine_factory
-        self._engine: Engine | None = None  # the first instance's, for /health and logs
+        self._engine: Engine | None = None
         self.batcher: Batcher[torch.Tensor, Probabilities] = Batcher(
             self._load,
             max_batch_size=settings.max_batch_size,
             max_wait_ms=settings.max_wait_ms,
             queue_size=settings.queue_size,
             metrics=metrics,
-            instances=settings.instances,
         )
         # Decoding gets its own small pool (thumbnails excepted): off the event loop, too
-        # few threads to starve the inference threads of cores, shared image by image.
+        # few threads to starve the inference thread of cores, shared image by image.
         self._decoder = DecodePool(
             settings.decode_threads, settings.max_pixels, settings.inline_decode_max_pixels
         )
@@ -130,8 +128,7 @@ class Service:
         self._idle.set()
 
     async def start(self) -> None:
-        """Load and warm up the engines (each on its instance's inference thread), then accept
-        requests.
+        """Load and warm up the engine (on the inference thread), then accept requests.
 
         The app runs this in the background while the port is already open, so that the
         health endpoints answer throughout: state "starting" until here, then "ready", or
@@ -159,13 +156,11 @@ class Service:
     # --- the engine -------------------------------------------------------------------
 
     def _load(self) -> Callable[[list[torch.Tensor]], list[Probabilities]]:
-        """On an instance's inference thread (Batcher.start, once per instance): build an
-        engine, warm up every batch size 1..max_batch_size (all can occur; engines that pad
-        to a few sizes, like compiled torch or CUDA graphs, warm only those), and return the
-        batch function."""
+        """On the inference thread (Batcher.start): build the engine, warm up every batch
+        size 1..max_batch_size (all can occur; engines that pad to a few sizes, like
+        compiled torch or CUDA graphs, warm only those), and return the batch function."""
         engine = self._engine_factory()
-        if self._engine is None:
-            self._engine = engine  # from here on /health names it, while it warms up
+        self._engine = engine  # from here on /health names it, while it warms up
         started = time.perf_counter()
         engine.warm_up(range(1, self.settings.max_batch_size + 1))
         logger.info(
@@ -184,7 +179,7 @@ class Service:
 
     @property
     def loaded(self) -> bool:
-        """Whether the (first instance's) engine has been built (warm-up may still be running)."""
+        """Whether the engine has been built (warm-up may still be running)."""
         return self._engine is not None
 
     @property
@@ -194,8 +189,7 @@ class Service:
 
     @property
     def engine(self) -> Engine:
-        """The first instance's engine, once built (RuntimeError before: check `loaded`); the
-        other instances' are copies of it, built from the same settings."""
+        """The engine, once built (RuntimeError before: check `loaded`)."""
         if self._engine is None:
             raise RuntimeError("the engine has not been built yet")
         return self._engine

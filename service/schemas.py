@@ -57,7 +57,6 @@ class Health(BaseModel):
         examples=["int8"],
     )
     mirror_tta: bool = Field(description="Each image is averaged with its mirror image.")
-    instances: int = Field(description="Model instances: batches that can run at once.")
     max_batch_size: int
     max_wait_ms: float
     queue_size: int

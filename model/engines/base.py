@@ -1,10 +1,9 @@
 """The interface every inference engine implements.
 
-The service (service/runtime.py) builds one engine per model instance, calls `warm_up` once
-at start-up and `run` once per batch (twice with mirror TTA, see model/inference.py), always
-from the instance's one long-lived inference thread that built it (see service/batcher.py:
-OpenMP thread teams created per thread fight over the cores, so one thread does all of an
-engine's inference).
+The service (service/runtime.py) builds the engine, calls `warm_up` once at start-up and
+`run` once per batch (twice with mirror TTA, see model/inference.py), always from the
+batcher's one long-lived inference thread (see service/batcher.py: OpenMP thread teams
+created per thread fight over the cores, so one thread does all inference).
 """
 
 from __future__ import annotations
@@ -35,9 +34,6 @@ class EngineOptions:
     compile: bool = False  # torch.compile (torch engine)
     cuda_graphs: bool = False  # capture CUDA graphs per batch size (torch engine on CUDA)
     threads: int = 0  # CPU threads for the engine (0: library default)
-    # Whether the engine may pin its threads to cores (openvino). Off when several engines
-    # share the cores: each would pin its threads to the same first cores.
-    cpu_pinning: bool = True
 
 
 class Engine(ABC):

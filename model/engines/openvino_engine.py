@@ -17,10 +17,9 @@ on the images of `options.calibration_path` and cached as
 convolutions and the linear layer run as INT8 kernels; what stays in floating point (the
 normalisation, additions, pooling) runs at OpenVINO's default precision, as with `auto`.
 
-The performance hint decides how the engine's threads are split. The batcher calls `run`
-synchronously from one thread per engine, so one request is in flight per engine: LATENCY
-gives that request all the engine's threads (every core unless `options.threads` says
-fewer), while THROUGHPUT splits them into streams of which a lone request uses one. The
+The performance hint decides how the cores are split. The batcher calls `run` synchronously
+from one thread, so one request is in flight at a time: LATENCY gives that request every
+core, while THROUGHPUT splits the cores into streams of which a lone request uses one. The
 hint is a constructor argument so that benchmarks/engines.py can compare both.
 """
 
@@ -81,10 +80,8 @@ class OpenVinoEngine(Engine):
         }
         if options.threads:
             config[props.inference_num_threads] = options.threads
-        if not options.cpu_pinning:
-            config[hints.enable_cpu_pinning] = False
         self.compiled = core.compile_model(core.read_model(self.model_path), "CPU", config)
-        # One request, reused: `run` is only ever called from its instance's one thread.
+        # One request, reused: `run` is only ever called from the batcher's one thread.
         self.request = self.compiled.create_infer_request()
 
     @classmethod
@@ -132,7 +129,6 @@ class OpenVinoEngine(Engine):
             "performance_hint": self.performance_hint,
             "threads": self.compiled.get_property(props.inference_num_threads),
             "streams": int(self.compiled.get_property(props.num_streams)),
-            "cpu_pinning": self.compiled.get_property(hints.enable_cpu_pinning),
             "openvino": ov.get_version(),
             "model_file": str(self.model_path),
         }

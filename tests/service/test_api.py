@@ -4,20 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
-import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from model.engines import Engine
 from model.preprocessing import CIFAR10_CLASSES
 from model.weights import sha256_of
-from service.app import create_app, load_engine
+from service.app import create_app
 from tests.support.images import image_bytes, noise_image, png
 from tests.support.reference import reference_probabilities
 from tests.support.service import metric, running, settings_for
@@ -98,47 +93,6 @@ def test_without_mirror_tta_the_plain_model_answers(weights_file: Path) -> None:
     asyncio.run(scenario())
 
 
-def test_two_model_instances_answer_concurrent_requests_as_one_does(weights_file: Path) -> None:
-    """Each instance is its own engine, run on its own thread; under concurrent requests both
-    serve batches, and every answer is still the model's for that image."""
-    images = [noise_image(32, 32, seed=seed) for seed in range(48)]
-    settings = settings_for(weights_file, instances=2, mirror_tta=False)
-    engines: list[Engine] = []
-    threads: set[str] = set()
-
-    def factory() -> Engine:
-        engine = load_engine(settings)
-        run = engine.run
-
-        def run_and_record(batch: torch.Tensor) -> torch.Tensor:
-            threads.add(threading.current_thread().name)
-            time.sleep(0.01)  # a slower model, so that batches overlap
-            return run(batch)
-
-        setattr(engine, "run", run_and_record)  # noqa: B010 (mypy refuses assigning a method)
-        engines.append(engine)
-        return engine
-
-    async def scenario() -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        async with running(create_app(settings, factory)) as client:
-            health = (await client.get("/health")).json()
-            threads.clear()  # the warm-up ran on both threads: count serving only
-            responses = await asyncio.gather(
-                *(
-                    client.post("/predict", files={"file": ("a.png", image_bytes(im, "PNG"))})
-                    for im in images
-                )
-            )
-        return health, [response.json() for response in responses]
-
-    health, bodies = asyncio.run(scenario())
-    assert health["instances"] == 2
-    assert len({id(engine) for engine in engines}) == 2 and len(threads) == 2
-    expected = reference_probabilities(weights_file, images, mirror_tta=False)
-    for body, probabilities in zip(bodies, expected, strict=True):
-        np.testing.assert_allclose(list(body["probabilities"].values()), probabilities, rtol=1e-4)
-
-
 def test_batch_without_files(client: TestClient) -> None:
     response = client.post("/predict/batch", files={"file": ("a.png", png())})
     assert response.status_code == 400
@@ -156,7 +110,6 @@ def test_health_reports_ready_with_model_and_batch_settings(
     assert body["model_name"] == "resnet8"
     assert (body["engine"], body["device"], body["precision"]) == ("torch", "cpu", "fp32")
     assert (body["max_batch_size"], body["max_wait_ms"]) == (8, 20)
-    assert body["instances"] == 1
     assert client.get("/health/live").json() == {"status": "alive"}
     engine = {"engine": "torch", "device": "cpu", "precision": "fp32"}
     assert metric(client.get("/metrics").text, "inference_engine_info", **engine) == 1

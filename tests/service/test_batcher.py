@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from service.batcher import Batcher, BatcherStoppedError, BatchFunction, InferenceError, Result
+from service.batcher import Batcher, BatchFunction, InferenceError, Result
 from service.metrics import Metrics
 
 BATCHER = Path(__file__).resolve().parents[2] / "service" / "batcher.py"
@@ -49,7 +49,7 @@ class _Recorder:
 
 
 def _batcher(
-    load: Callable[[], BatchFunction[str, str]], max_wait_ms: float = 5000, instances: int = 1
+    load: Callable[[], BatchFunction[str, str]], max_wait_ms: float = 5000
 ) -> Batcher[str, str]:
     return Batcher(
         load,
@@ -57,7 +57,6 @@ def _batcher(
         max_wait_ms=max_wait_ms,
         queue_size=16,
         metrics=Metrics(4),
-        instances=instances,
     )
 
 
@@ -140,113 +139,5 @@ def test_a_batch_function_that_answers_the_wrong_number_of_items_fails_the_batch
                 await asyncio.gather(*futures)
         finally:
             await batcher.stop()
-
-    asyncio.run(scenario())
-
-
-async def _until(condition: Callable[[], bool], timeout_s: float = 5) -> None:
-    async with asyncio.timeout(timeout_s):
-        while not condition():
-            await asyncio.sleep(0.001)
-
-
-class _Gate:
-    """A batch function that holds every batch until released, counting batches in flight."""
-
-    def __init__(self) -> None:
-        self.release = threading.Event()
-        self.lock = threading.Lock()
-        self.running = self.most_running = 0
-        self.loaded_on: list[str] = []
-        self.ran_on: set[str] = set()
-
-    def load(self) -> BatchFunction[str, str]:
-        self.loaded_on.append(threading.current_thread().name)
-        return self.__call__
-
-    def __call__(self, items: list[str]) -> Sequence[str]:
-        with self.lock:
-            self.running += 1
-            self.most_running = max(self.most_running, self.running)
-            self.ran_on.add(threading.current_thread().name)
-        self.release.wait(timeout=10)
-        with self.lock:
-            self.running -= 1
-        return [item.upper() for item in items]
-
-
-def _run_two_batches_while_held(instances: int) -> tuple[_Gate, list[Result[str]]]:
-    """Submit two batches' worth of items while the batch function holds every batch, let
-    go once the batcher has run all it can, and return what happened."""
-    gate = _Gate()
-
-    async def scenario() -> list[Result[str]]:
-        batcher = _batcher(gate.load, instances=instances)
-        await batcher.start()
-        try:
-            futures = [batcher.submit(word, time.perf_counter() + 30) for word in "abcdefgh"]
-            await _until(lambda: gate.running == instances)  # every instance took a batch
-            await asyncio.sleep(0.05)  # time for a wrongly started extra batch to show up
-            gate.release.set()
-            return await asyncio.gather(*futures)
-        finally:
-            gate.release.set()
-            await batcher.stop()
-
-    return gate, asyncio.run(scenario())
-
-
-def test_one_instance_runs_one_batch_at_a_time_on_its_one_thread() -> None:
-    gate, results = _run_two_batches_while_held(instances=1)
-    assert gate.most_running == 1
-    assert gate.loaded_on == ["inference-0_0"] and gate.ran_on == {"inference-0_0"}
-    assert [result.output for result in results] == list("ABCDEFGH")
-
-
-def test_two_instances_run_two_batches_at_once_each_on_the_thread_that_built_it() -> None:
-    gate, results = _run_two_batches_while_held(instances=2)
-    assert gate.most_running == 2
-    assert gate.loaded_on == ["inference-0_0", "inference-1_0"]  # one load per instance
-    assert gate.ran_on == {"inference-0_0", "inference-1_0"}
-    assert [result.output for result in results] == list("ABCDEFGH")
-    assert [result.batch_size for result in results] == [4] * 8
-
-
-def test_stopping_answers_every_batch_in_flight_and_every_queued_item() -> None:
-    gate = _Gate()
-
-    async def scenario() -> list[BaseException | Result[str]]:
-        batcher = _batcher(gate.load, instances=2)
-        await batcher.start()
-        words = "abcdefghijkl"  # two batches of 4 in flight, 4 items queued behind them
-        futures = [batcher.submit(word, time.perf_counter() + 30) for word in words]
-        await _until(lambda: gate.running == 2)
-        # The threads finish their batches only later: stop() must not wait for them
-        # before answering, and must not block the event loop while it joins them.
-        threading.Timer(0.2, gate.release.set).start()
-        await batcher.stop()
-        return await asyncio.gather(*futures, return_exceptions=True)
-
-    outcomes = asyncio.run(scenario())
-    assert len(outcomes) == 12
-    assert all(isinstance(outcome, BatcherStoppedError) for outcome in outcomes)
-
-
-def test_a_failing_load_on_a_later_instance_fails_start() -> None:
-    loads: list[str] = []
-
-    def load() -> BatchFunction[str, str]:
-        loads.append(threading.current_thread().name)
-        if len(loads) == 2:
-            raise RuntimeError("no memory for a second copy")
-        return lambda items: items
-
-    async def scenario() -> None:
-        batcher = _batcher(load, instances=2)
-        with pytest.raises(RuntimeError, match="no memory for a second copy"):
-            await batcher.start()
-        with pytest.raises(BatcherStoppedError):
-            batcher.submit("a", time.perf_counter() + 30)
-        await batcher.stop()
 
     asyncio.run(scenario())

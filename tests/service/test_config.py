@@ -25,7 +25,6 @@ import torch
 from pydantic import ValidationError
 
 import service.__main__ as service_main
-from service.app import engine_options
 from service.config import PROJECT_ROOT, Settings
 
 ENGINES = ("auto", "torch", "onnxruntime", "openvino")
@@ -118,7 +117,6 @@ def test_the_default_calibration_images_are_shipped() -> None:
         {"precision": "int4"},
         {"port": 70000},
         {"request_timeout_s": 0},
-        {"instances": 0},
     ],
     ids=lambda bad: next(iter(bad)),
 )
@@ -126,42 +124,6 @@ def test_a_bad_value_is_refused_naming_its_setting(bad: dict[str, Any]) -> None:
     with pytest.raises(ValidationError) as error:
         Settings(**bad)
     assert [problem["loc"] for problem in error.value.errors()] == [tuple(bad)]
-
-
-@pytest.mark.parametrize(
-    "bad",
-    [
-        {"instances": 2, "device": "cuda"},
-        {"instances": 2, "compile": True},
-        {"instances": 2, "cuda_graphs": True},
-        {"instances": 3, "threads": 2},
-    ],
-    ids=["cuda", "compile", "cuda-graphs", "fewer-threads"],
-)
-def test_instances_are_refused_where_they_cannot_work_naming_the_fix(bad: dict[str, Any]) -> None:
-    with pytest.raises(ValidationError, match="--instances"):
-        Settings(**bad)
-    Settings(**(bad | {"instances": 1}))  # the same settings with one instance are fine
-
-
-@pytest.mark.parametrize(
-    ("instances", "threads", "cores", "per_instance"),
-    [
-        (1, 0, 8, 0),  # one instance: the library's default, whatever the cores
-        (1, 3, 8, 3),
-        (2, 0, 8, 4),  # the cores this process may use, shared
-        (2, 4, 8, 2),  # the threads asked for (e.g. a pod's CPU limit), shared
-        (3, 0, 2, 1),  # never 0 threads: at least one each
-        (2, 5, 8, 2),  # a thread left over stays unused
-    ],
-)
-def test_instances_share_the_threads_so_their_teams_do_not_oversubscribe_the_cores(
-    monkeypatch: pytest.MonkeyPatch, instances: int, threads: int, cores: int, per_instance: int
-) -> None:
-    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cores)), raising=False)
-    options = engine_options(Settings(instances=instances, threads=threads))
-    assert options.threads == per_instance
-    assert options.cpu_pinning == (instances == 1)  # pinned, instances would share a core
 
 
 # --- The engine tables: engine x device x precision -----------------------------------------

@@ -13,9 +13,6 @@ service's is on CIFAR-10 training images (model.calibration).
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -216,54 +213,6 @@ def test_openvino_auto_precision_is_openvinos_choice(make_engine: Callable[..., 
         engine.describe()["precision"]
         == {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}[default.to_string()]
     )
-
-
-# Two 1-thread engines running on two threads at once, as two model instances do; prints
-# the most threads seen pinned to fewer cores than the process has while they run. In a
-# fresh process, so that threads of engines built by other tests do not count.
-_MOST_PINNED_THREADS = """
-import os, sys, torch
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
-from model.engines import EngineOptions, engine_class
-from model.weights import load_checked
-options = EngineOptions(device="cpu", precision="fp32", cache_dir=Path(sys.argv[2]),
-                        threads=1, cpu_pinning=sys.argv[3] == "on")
-def serve():
-    model, card = load_checked(Path(sys.argv[1]))
-    engine = engine_class("openvino")(model, card, options)
-    for _ in range(20):
-        engine.run(torch.zeros(64, 3, 32, 32, dtype=torch.uint8))
-every_core, most = os.sched_getaffinity(0), 0
-with ThreadPoolExecutor(max_workers=2) as threads:
-    running = [threads.submit(serve) for _ in range(2)]
-    while not all(future.done() for future in running):
-        tasks = [int(task) for task in os.listdir("/proc/self/task")]
-        pinned = 0
-        for task in tasks:
-            try:
-                pinned += os.sched_getaffinity(task) != every_core
-            except OSError:  # the thread has ended
-                pass
-        most = max(most, pinned)
-    [future.result() for future in running]
-print(most)
-"""
-
-
-@pytest.mark.skipif(
-    len(os.sched_getaffinity(0)) < 2, reason="pinning is only visible with 2 or more cores"
-)
-@pytest.mark.parametrize("cpu_pinning", ["on", "off"])
-def test_openvino_pins_threads_to_cores_only_when_allowed(
-    make_engine: Callable[..., Engine], trained_weights: Path, cpu_pinning: str
-) -> None:
-    """Model instances share the cores with cpu_pinning off; on, OpenVINO pins the thread
-    running each 1-thread instance to the same first core while it runs."""
-    cache_dir = make_engine("openvino", "fp32").options.cache_dir  # the export is there
-    command = [sys.executable, "-c", _MOST_PINNED_THREADS, str(trained_weights), str(cache_dir)]
-    output = subprocess.run([*command, cpu_pinning], capture_output=True, text=True, check=True)
-    assert (int(output.stdout.split()[-1]) > 0) == (cpu_pinning == "on")
 
 
 def test_onnxruntime_refuses_reduced_precision(trained_weights: Path, tmp_path: Path) -> None:

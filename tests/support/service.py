@@ -72,13 +72,12 @@ class GatedEngine(Engine):
 
 
 def gated_factory(settings: Settings) -> tuple[Callable[[], Engine], Callable[[], GatedEngine]]:
-    """A factory for create_app (a new engine each call, one per model instance) and a
-    getter for the first engine it built."""
+    """A factory for create_app and a getter for the engine it built."""
     built: list[GatedEngine] = []
 
     def factory() -> Engine:
         built.append(GatedEngine(load_engine(settings)))
-        return built[-1]
+        return built[0]
 
     return factory, lambda: built[0]
 
