@@ -17,6 +17,8 @@ or (`--compare litserve`) the service against LitServe serving the same model.
     python -m benchmarks.load --duration 3 --concurrency 1 8 --client python   # a quick look
     python -m benchmarks.load --compare litserve --no-mirror-tta --concurrency 64 \
         --profile profiles/                         # where the CPU goes, py-spy (see below)
+    python -m benchmarks.load --compare litserve --no-mirror-tta --concurrency 64 \
+        --rounds 5                                  # the median of 5 alternating rounds
 
 For each of the two configurations - batching (`--max-batch-size`, default 64, within
 `--max-wait-ms`) and batching off (`max_batch_size=1`) - it starts `python -m service` on a
@@ -36,6 +38,13 @@ The load client matters on a small machine, because it shares the cores with the
   request bytes, no HTTP library), for machines without wrk. It costs more CPU than wrk.
 Only 200 answers count as served; any other status or a broken connection is reported as
 an error (there should be none: the queue limit is far above 64).
+
+`--rounds N` repeats the comparison N times, alternating the two servers (A, B, A, B, ...,
+each started afresh), prints the ratio at the highest concurrency of every round, and
+reports the round whose ratio is the median (the lower middle one for an even N) in full,
+verdict included. On a shared machine the same server's requests/s move by 10-20% from one
+minute to the next; alternating spreads that drift over both servers, and the median keeps
+one lucky or unlucky round from deciding the verdict.
 
 Each measured run also records the CPU time spent per served request by the server's
 processes (psutil, the process and its children: LitServe's workers too; nginx is not
@@ -421,6 +430,20 @@ def _measure(
     return results
 
 
+def throughput_ratio(a: Measurement, b: Measurement) -> float:
+    """a's requests/s over b's (infinite when b served nothing)."""
+    return a.requests_per_s / b.requests_per_s if b.requests_per_s else float("inf")
+
+
+def median_round(first: list[list[Measurement]], second: list[list[Measurement]]) -> int:
+    """The index of the round whose throughput ratio first/second at the highest
+    concurrency (each round's last measurement) is the median of all rounds; for an even
+    number of rounds, the lower of the two middle ones."""
+    ratios = [throughput_ratio(a[-1], b[-1]) for a, b in zip(first, second, strict=True)]
+    by_ratio = sorted(range(len(ratios)), key=ratios.__getitem__)
+    return by_ratio[(len(ratios) - 1) // 2]
+
+
 def report(
     names: tuple[str, str],
     results: tuple[list[Measurement], list[Measurement]],
@@ -439,7 +462,7 @@ def report(
         f"{second + ' req/s':>17} {'p50 ms':>8} {'p99 ms':>8} | {'ratio':>7} {'p99 ratio':>9}"
     )
     for a, b in zip(*results, strict=True):
-        ratio = a.requests_per_s / b.requests_per_s if b.requests_per_s else float("inf")
+        ratio = throughput_ratio(a, b)
         print(
             f"{a.concurrency:>5} | {a.requests_per_s:>17.1f} {a.p50_ms:>8.1f} {a.p99_ms:>8.1f} | "
             f"{b.requests_per_s:>17.1f} {b.p50_ms:>8.1f} {b.p99_ms:>8.1f} | "
@@ -455,7 +478,7 @@ def report(
             f"{b.client_cpu_us:.0f} = {b.server_cpu_us + b.client_cpu_us:.0f}"
         )
     a, b = results[0][-1], results[1][-1]
-    ratio = a.requests_per_s / b.requests_per_s if b.requests_per_s else float("inf")
+    ratio = throughput_ratio(a, b)
     if need_ratio is None:
         print(
             f"\nat concurrency {a.concurrency}: {first} gives {ratio:.2f}x the throughput "
@@ -533,6 +556,12 @@ def main() -> int:
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds before measuring")
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--client", choices=["auto", "wrk", "python"], default="auto")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="alternate the two servers this many times; the median round decides",
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--check", action="store_true", help="exit 1 if the criterion fails")
     args = parser.parse_args()
@@ -540,6 +569,8 @@ def main() -> int:
         parser.error("--service-args goes with --compare litserve (other modes set both sides)")
     if args.compare == "int8" and args.precision == "int8":
         parser.error("--compare int8 compares int8 with --precision: pick another one")
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     if args.client == "auto":
         args.client = "wrk" if shutil.which("wrk") else "python"
 
@@ -597,23 +628,41 @@ def main() -> int:
             need_ratio, need_p99 = 2.0, False
         print(f"weights {weights}, client {args.client}, {os.cpu_count()} CPUs", flush=True)
         modules = {"litserve": "benchmarks.litserve_server"}
-        results = {
-            name: measure_service(
-                name,
-                weights,
-                flags,
-                args,
-                bodies,
-                workdir,
-                behind_proxy=name == "proxy",
-                module=modules.get(name, "service"),
+        rounds: dict[str, list[list[Measurement]]] = {name: [] for name in configs}
+        for index in range(args.rounds):
+            if args.rounds > 1:
+                print(f"round {index + 1} of {args.rounds}", flush=True)
+            # py-spy in the first round only: a profiled round's req/s are not comparable
+            round_args = (
+                args if index == 0 else argparse.Namespace(**(vars(args) | {"profile": None}))
             )
-            for name, flags in configs.items()
-        }
+            for name, flags in configs.items():
+                rounds[name].append(
+                    measure_service(
+                        name,
+                        weights,
+                        flags,
+                        round_args,
+                        bodies,
+                        workdir,
+                        behind_proxy=name == "proxy",
+                        module=modules.get(name, "service"),
+                    )
+                )
     names = tuple(configs)
+    first, second = rounds[names[0]], rounds[names[1]]
+    chosen = median_round(first, second)
+    if args.rounds > 1:
+        ratios = ", ".join(
+            f"{throughput_ratio(a[-1], b[-1]):.2f}x" for a, b in zip(first, second, strict=True)
+        )
+        print(
+            f"\nratio at concurrency {first[0][-1].concurrency}, round by round: {ratios}; "
+            f"the median is round {chosen + 1}'s, reported below"
+        )
     passed = report(
         (names[0], names[1]),
-        (results[names[0]], results[names[1]]),
+        (first[chosen], second[chosen]),
         need_ratio,
         need_p99,
         max_p99_ms,
@@ -623,7 +672,11 @@ def main() -> int:
             json.dumps(
                 {
                     "settings": {k: str(v) for k, v in vars(args).items()},
-                    **{name: [asdict(m) for m in result] for name, result in results.items()},
+                    **{
+                        name: [[asdict(m) for m in result] for result in results]
+                        for name, results in rounds.items()
+                    },
+                    "median_round": chosen,
                     "passed": passed,
                 },
                 indent=2,

@@ -1,5 +1,6 @@
 """The load benchmark's CPU accounting counts what a server's processes spend, children
-included (LitServe's inference worker is a child process of its API server)."""
+included (LitServe's inference worker is a child process of its API server), and with
+`--rounds` the verdict comes from the round whose ratio is the median."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import signal
 import subprocess
 import sys
 
-from benchmarks.load import process_tree_cpu_s
+from benchmarks.load import Measurement, median_round, process_tree_cpu_s
 
 # A child that burns 0.5 s of CPU (measured as CPU time, whatever else runs), then waits.
 _BUSY_CHILD = (
@@ -38,3 +39,25 @@ def test_the_cpu_of_a_server_includes_its_child_processes() -> None:
     finally:
         os.killpg(parent.pid, signal.SIGKILL)
         parent.wait()
+
+
+def _round(*requests_per_s: float) -> list[Measurement]:
+    """One round of one server: a measurement per concurrency, the highest last."""
+    return [
+        Measurement(concurrency, rate, 10.0, 20.0, 0, int(rate))
+        for concurrency, rate in zip((8, 64), requests_per_s, strict=True)
+    ]
+
+
+def test_the_median_round_is_chosen_by_the_ratio_at_the_highest_concurrency() -> None:
+    # Ratios at 64 clients: 1.5x, 2.1x, 1.8x. At 8 clients round 0 would look best.
+    service = [_round(900, 1500), _round(100, 2100), _round(100, 1800)]
+    peer = [_round(100, 1000), _round(100, 1000), _round(100, 1000)]
+    assert median_round(service, peer) == 2
+
+
+def test_an_even_number_of_rounds_takes_the_lower_middle_ratio() -> None:
+    service = [_round(1, 1900), _round(1, 1500), _round(1, 2100), _round(1, 1800)]
+    peer = [_round(1, 1000)] * 4
+    assert median_round(service, peer) == 3  # 1.8x, not 1.9x
+    assert median_round(service[:1], peer[:1]) == 0  # one round: that round
