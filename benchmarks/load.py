@@ -39,12 +39,16 @@ The load client matters on a small machine, because it shares the cores with the
 Only 200 answers count as served; any other status or a broken connection is reported as
 an error (there should be none: the queue limit is far above 64).
 
-`--rounds N` repeats the comparison N times, alternating the two servers (A, B, A, B, ...,
-each started afresh), prints the ratio at the highest concurrency of every round, and
-reports the round whose ratio is the median (the lower middle one for an even N) in full,
-verdict included. On a shared machine the same server's requests/s move by 10-20% from one
-minute to the next; alternating spreads that drift over both servers, and the median keeps
-one lucky or unlucky round from deciding the verdict.
+`--rounds N` repeats the comparison N times, each server started afresh, in the order A B,
+B A, A B, ... (so that a machine getting steadily faster or slower favours neither), prints
+every round's ratio at the highest concurrency, and reports the round whose ratio is the
+median (the lower middle one for an even N) in full. On a shared machine the same server's
+requests/s move by 10-20% from one minute to the next; the median keeps one lucky or
+unlucky round from deciding the verdict. The verdict also fails if the first server
+answered any request at the highest concurrency with an error, in any round. With
+`--json`, each server's entry is a list of rounds, each a list of measurements (one per
+concurrency), and `median_round` counts from 1 as the printout does. `--profile` takes
+one round only.
 
 Each measured run also records the CPU time spent per served request by the server's
 processes (psutil, the process and its children: LitServe's workers too; nginx is not
@@ -431,7 +435,9 @@ def _measure(
 
 
 def throughput_ratio(a: Measurement, b: Measurement) -> float:
-    """a's requests/s over b's (infinite when b served nothing)."""
+    """a's requests/s over b's: 0 when a served nothing, infinite when only b did not."""
+    if not a.requests_per_s:
+        return 0.0
     return a.requests_per_s / b.requests_per_s if b.requests_per_s else float("inf")
 
 
@@ -450,11 +456,13 @@ def report(
     need_ratio: float | None,
     need_p99: bool,
     max_p99_ms: float | None = None,
+    errors_in_other_rounds: int = 0,
 ) -> bool:
     """Both configurations side by side, their ratios, and the verdict at the highest
     concurrency: `names[0]` must give `need_ratio` x the throughput of `names[1]` (and, if
-    `need_p99`, a p99 no worse; with `max_p99_ms`, a p99 of at most that). With
-    `need_ratio` None there is no verdict (always True)."""
+    `need_p99`, a p99 no worse; with `max_p99_ms`, a p99 of at most that), with no errors
+    here nor, at that concurrency, in the rounds not shown (`errors_in_other_rounds`).
+    With `need_ratio` None there is no verdict (always True)."""
     first, second = names
     print()
     print(
@@ -466,7 +474,7 @@ def report(
         print(
             f"{a.concurrency:>5} | {a.requests_per_s:>17.1f} {a.p50_ms:>8.1f} {a.p99_ms:>8.1f} | "
             f"{b.requests_per_s:>17.1f} {b.p50_ms:>8.1f} {b.p99_ms:>8.1f} | "
-            f"{ratio:>6.2f}x {a.p99_ms / b.p99_ms:>9.2f}"
+            f"{ratio:>6.2f}x {a.p99_ms / b.p99_ms if b.p99_ms else float('inf'):>9.2f}"
         )
     # Where a request's CPU goes on a machine whose cores every process shares: the
     # throughput ratio follows the ratio of these sums once the cores are saturated.
@@ -485,8 +493,11 @@ def report(
             f"of {second}"
         )
         return True
-    passed = ratio >= need_ratio and a.errors == 0 and (not need_p99 or a.p99_ms <= b.p99_ms)
+    errors = a.errors + errors_in_other_rounds
+    passed = ratio >= need_ratio and errors == 0 and (not need_p99 or a.p99_ms <= b.p99_ms)
     p99 = f" with p99 {a.p99_ms:.1f} ms vs {b.p99_ms:.1f} ms (need <=)" if need_p99 else ""
+    if errors:
+        p99 += f" and {errors} error(s) in its rounds (need none)"
     if max_p99_ms is not None:
         passed = passed and a.p99_ms <= max_p99_ms
         p99 += f" and p99 {a.p99_ms:.1f} ms (need <= {max_p99_ms:g})"
@@ -571,6 +582,8 @@ def main() -> int:
         parser.error("--compare int8 compares int8 with --precision: pick another one")
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
+    if args.profile and args.rounds > 1:
+        parser.error("--profile takes one round: a profiled round's req/s are not comparable")
     if args.client == "auto":
         args.client = "wrk" if shutil.which("wrk") else "python"
 
@@ -628,21 +641,20 @@ def main() -> int:
             need_ratio, need_p99 = 2.0, False
         print(f"weights {weights}, client {args.client}, {os.cpu_count()} CPUs", flush=True)
         modules = {"litserve": "benchmarks.litserve_server"}
-        rounds: dict[str, list[list[Measurement]]] = {name: [] for name in configs}
+        rounds_by_server: dict[str, list[list[Measurement]]] = {name: [] for name in configs}
         for index in range(args.rounds):
             if args.rounds > 1:
                 print(f"round {index + 1} of {args.rounds}", flush=True)
-            # py-spy in the first round only: a profiled round's req/s are not comparable
-            round_args = (
-                args if index == 0 else argparse.Namespace(**(vars(args) | {"profile": None}))
-            )
-            for name, flags in configs.items():
-                rounds[name].append(
+            order = list(configs.items())
+            if index % 2:  # A B, B A, ...: a steady drift of the machine favours neither
+                order.reverse()
+            for name, flags in order:
+                rounds_by_server[name].append(
                     measure_service(
                         name,
                         weights,
                         flags,
-                        round_args,
+                        args,
                         bodies,
                         workdir,
                         behind_proxy=name == "proxy",
@@ -650,22 +662,27 @@ def main() -> int:
                     )
                 )
     names = tuple(configs)
-    first, second = rounds[names[0]], rounds[names[1]]
-    chosen = median_round(first, second)
+    first_rounds, second_rounds = rounds_by_server[names[0]], rounds_by_server[names[1]]
+    chosen = median_round(first_rounds, second_rounds)
     if args.rounds > 1:
         ratios = ", ".join(
-            f"{throughput_ratio(a[-1], b[-1]):.2f}x" for a, b in zip(first, second, strict=True)
+            f"{throughput_ratio(a[-1], b[-1]):.2f}x"
+            for a, b in zip(first_rounds, second_rounds, strict=True)
         )
+        lower = " (the lower middle one)" if args.rounds % 2 == 0 else ""
         print(
-            f"\nratio at concurrency {first[0][-1].concurrency}, round by round: {ratios}; "
-            f"the median is round {chosen + 1}'s, reported below"
+            f"\nratio at concurrency {first_rounds[0][-1].concurrency}, round by round: "
+            f"{ratios}; the median{lower} is round {chosen + 1}'s, reported below"
         )
     passed = report(
         (names[0], names[1]),
-        (first[chosen], second[chosen]),
+        (first_rounds[chosen], second_rounds[chosen]),
         need_ratio,
         need_p99,
         max_p99_ms,
+        errors_in_other_rounds=sum(
+            run[-1].errors for i, run in enumerate(first_rounds) if i != chosen
+        ),
     )
     if args.json:
         args.json.write_text(
@@ -673,10 +690,10 @@ def main() -> int:
                 {
                     "settings": {k: str(v) for k, v in vars(args).items()},
                     **{
-                        name: [[asdict(m) for m in result] for result in results]
-                        for name, results in rounds.items()
+                        name: [[asdict(m) for m in run] for run in server_rounds]
+                        for name, server_rounds in rounds_by_server.items()
                     },
-                    "median_round": chosen,
+                    "median_round": chosen + 1,
                     "passed": passed,
                 },
                 indent=2,

@@ -4,11 +4,16 @@ included (LitServe's inference worker is a child process of its API server), and
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
+import pytest
+
+from benchmarks import load
 from benchmarks.load import Measurement, median_round, process_tree_cpu_s
 
 # A child that burns 0.55 s of CPU (measured as CPU time, whatever else runs), then waits.
@@ -63,3 +68,49 @@ def test_an_even_number_of_rounds_takes_the_lower_middle_ratio() -> None:
     peer = [_round(1, 1000)] * 4
     assert median_round(service, peer) == 3  # 1.8x, not 1.9x
     assert median_round(service[:1], peer[:1]) == 0  # one round: that round
+
+
+def _run_rounds(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, service: list[float], errors: list[int]
+) -> tuple[int, list[str], dict]:
+    """`--compare litserve --rounds N --check` with each server's measurement faked: the
+    service at `service[i]` req/s (with `errors[i]` errors) in round i, LitServe at 1,000.
+    Returns the exit status, the order the servers ran in, and the JSON written."""
+    ran: list[str] = []
+
+    def measure(name: str, *args: object, **kwargs: object) -> list[Measurement]:
+        ran.append(name)
+        round_index = ran.count(name) - 1
+        rate = service[round_index] if name == "service" else 1000.0
+        failed = errors[round_index] if name == "service" else 0
+        return [Measurement(64, rate, 10.0, 20.0, failed, int(rate))]
+
+    monkeypatch.setattr(load, "measure_service", measure)
+    output = tmp_path / "load.json"
+    argv = ["load", "--compare", "litserve", "--no-mirror-tta", "--concurrency", "64"]
+    argv += ["--rounds", str(len(service)), "--check", "--json", str(output)]
+    monkeypatch.setattr(sys, "argv", argv)
+    status = load.main()
+    return status, ran, json.loads(output.read_text())
+
+
+def test_rounds_alternate_the_order_and_the_median_round_decides(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Ratios 2.5x, 1.5x, 2.1x: the median, 2.1x (round 3), meets the 2x bar; round 2 alone
+    # would fail it.
+    status, ran, saved = _run_rounds(monkeypatch, tmp_path, [2500, 1500, 2100], [0, 0, 0])
+    assert status == 0
+    assert ran == ["service", "litserve", "litserve", "service", "service", "litserve"]
+    assert saved["median_round"] == 3
+    assert [run[0]["requests_per_s"] for run in saved["service"]] == [2500, 1500, 2100]
+    assert saved["passed"] is True
+
+
+def test_errors_in_a_round_not_reported_still_fail_the_verdict(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    status, _, saved = _run_rounds(monkeypatch, tmp_path, [2500, 1500, 2100], [3, 0, 0])
+    assert status == 1
+    assert saved["median_round"] == 3  # an error-free round, at 2.1x
+    assert saved["passed"] is False
