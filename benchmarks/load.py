@@ -495,15 +495,15 @@ def report(
         return True
     errors = a.errors + errors_in_other_rounds
     passed = ratio >= need_ratio and errors == 0 and (not need_p99 or a.p99_ms <= b.p99_ms)
-    p99 = f" with p99 {a.p99_ms:.1f} ms vs {b.p99_ms:.1f} ms (need <=)" if need_p99 else ""
+    conditions = f" with p99 {a.p99_ms:.1f} ms vs {b.p99_ms:.1f} ms (need <=)" if need_p99 else ""
     if errors:
-        p99 += f" and {errors} error(s) in its rounds (need none)"
+        conditions += f" and {errors} error(s) in its rounds (need none)"
     if max_p99_ms is not None:
         passed = passed and a.p99_ms <= max_p99_ms
-        p99 += f" and p99 {a.p99_ms:.1f} ms (need <= {max_p99_ms:g})"
+        conditions += f" and p99 {a.p99_ms:.1f} ms (need <= {max_p99_ms:g})"
     print(
         f"\nat concurrency {a.concurrency}: {first} gives {ratio:.2f}x the throughput of "
-        f"{second} (need >= {need_ratio:g}){p99}: {'PASS' if passed else 'FAIL'}"
+        f"{second} (need >= {need_ratio:g}){conditions}: {'PASS' if passed else 'FAIL'}"
     )
     return passed
 
